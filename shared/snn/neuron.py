@@ -1,0 +1,230 @@
+"""Multi-step integrate-and-fire neurons over a whole time window.
+
+For input current x[t] (t = 1..T) and membrane potential v (v[0] = v_init):
+
+    h[t] = decay * v[t-1] + x[t]                   charge (IF: decay = 1; LIF: decay = 1 - 2**-k)
+    s[t] = H(h[t] - threshold)                     fire (exact step forward, surrogate backward)
+    v[t] = h[t] - threshold * s[t]                 reset by subtraction, or
+    v[t] = h[t] * (1 - s[t])                       reset to zero
+
+`h` is the membrane potential the neuron compares with its threshold; it is what
+`record_membrane` exposes (PDSG attacks and the chip model read it).
+
+The time loop is the training hot path. For registry surrogates the whole loop over T is one
+autograd Function: the forward runs T elementwise steps without building a graph, keeps only
+h (spikes are re-derived from it), and the backward runs the reverse-time recurrence
+
+    dL/dh[t] = (dL/ds[t] + dv/ds * dL/dv[t]) * g(h[t] - threshold) + dv/dh * dL/dv[t]
+    dL/dv[t-1] = decay * dL/dh[t],   dL/dx[t] = dL/dh[t]
+
+with g the surrogate's pseudo-derivative evaluated for all T at once. With `detach_reset` (the
+default) the reset is treated as a constant in the backward pass (dv/ds = 0), as in snnTorch.
+A surrogate given as an arbitrary callable falls back to `multistep_reference`, the plain
+step-by-step autograd loop that also serves as the tests' reference.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .surrogate import SpikeFn, Surrogate, get_surrogate
+
+Reset = Literal["subtract", "zero"]
+
+
+class _MultiStepNeuron(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x_seq: Tensor,
+        v_init: Tensor,
+        decay: float,
+        threshold: float,
+        subtract: bool,
+        detach_reset: bool,
+        surrogate: Surrogate,
+    ) -> tuple[Tensor, Tensor]:
+        h_seq = torch.empty(x_seq.shape, dtype=x_seq.dtype, device=x_seq.device)
+        s_seq = torch.empty_like(h_seq)
+        v = v_init * decay  # the decayed potential carried into the next step
+        for t in range(x_seq.shape[0]):
+            h = torch.add(v, x_seq[t], out=h_seq[t])
+            fired = h >= threshold
+            s_seq[t] = fired
+            if t + 1 < x_seq.shape[0]:
+                v = torch.sub(h, s_seq[t], alpha=threshold) if subtract else h.masked_fill(fired, 0)
+                if decay != 1.0:
+                    v.mul_(decay)
+        ctx.save_for_backward(h_seq)
+        ctx.v_init_shape = v_init.shape
+        ctx.config = (decay, threshold, subtract, detach_reset, surrogate)
+        ctx.mark_non_differentiable(h_seq)
+        return s_seq, h_seq
+
+    @staticmethod
+    def backward(ctx, grad_s: Tensor, _grad_h: Tensor):  # type: ignore[override]
+        (h_seq,) = ctx.saved_tensors
+        decay, threshold, subtract, detach_reset, surrogate = ctx.config
+        sg = surrogate.grad_(h_seq - threshold)  # g(h - threshold), all T at once
+        if detach_reset:
+            # dL/dh[t] = dL/ds[t] g[t] + decay dL/dh[t+1] (times 1 - s[t] for reset to zero),
+            # accumulated in place in the buffer that held g.
+            grad_x = sg.mul_(grad_s)
+            for t in reversed(range(h_seq.shape[0] - 1)):
+                carry = grad_x[t + 1] * decay if decay != 1.0 else grad_x[t + 1]
+                if not subtract:
+                    carry = carry.masked_fill(h_seq[t] >= threshold, 0)
+                grad_x[t].add_(carry)
+        else:
+            grad_x = torch.empty_like(h_seq)
+            grad_v = None  # dL/dv[t]
+            for t in reversed(range(h_seq.shape[0])):
+                gh = grad_s[t] * sg[t]
+                if grad_v is not None:
+                    h = h_seq[t]
+                    if subtract:  # v = h - threshold s
+                        gh = gh - threshold * grad_v * sg[t] + grad_v
+                    else:  # v = h (1 - s)
+                        gh = gh - grad_v * h * sg[t] + grad_v.masked_fill(h >= threshold, 0)
+                grad_x[t] = gh
+                grad_v = gh * decay
+        grad_v_init = None
+        if ctx.needs_input_grad[1]:
+            grad_v_init = (grad_x[0] * decay).sum_to_size(ctx.v_init_shape)
+        return grad_x, grad_v_init, None, None, None, None, None
+
+
+def multistep_reference(
+    x_seq: Tensor,
+    spike_fn: SpikeFn,
+    *,
+    decay: float = 1.0,
+    threshold: float = 1.0,
+    reset: Reset = "subtract",
+    v_init: float | Tensor = 0.0,
+    detach_reset: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The plain loop: one autograd graph per step. Returns (spikes, membrane h), both [T, ...]."""
+    v: Tensor | float = v_init
+    spikes, membrane = [], []
+    for t in range(x_seq.shape[0]):
+        h = decay * v + x_seq[t]
+        s = spike_fn(h - threshold)
+        s_reset = s.detach() if detach_reset else s
+        v = h - threshold * s_reset if reset == "subtract" else h * (1 - s_reset)
+        spikes.append(s)
+        membrane.append(h.detach())
+    return torch.stack(spikes), torch.stack(membrane)
+
+
+class LIF(nn.Module):
+    """Multi-step leaky integrate-and-fire neuron: `[T, B, ...]` current in, spikes out.
+
+    Args:
+        decay: membrane decay per step (beta); 1 - 2**-k makes the leak an arithmetic shift by k.
+        threshold: firing threshold.
+        reset: "subtract" (keep the overshoot) or "zero".
+        v_init: initial membrane potential, a float or a tensor broadcastable to `[B, ...]`
+            (a Parameter here is trained by BPTT).
+        surrogate: registry name or a callable `fn(v_minus_threshold) -> spikes`.
+        detach_reset: treat the reset as a constant in the backward pass.
+
+    Set `record_membrane = True` to keep the last forward's membrane potentials `h` in
+    `self.membrane` (`[T, B, ...]`, detached); when False nothing is stored.
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.5,
+        threshold: float = 1.0,
+        reset: Reset = "subtract",
+        v_init: float | Tensor = 0.0,
+        surrogate: str | SpikeFn = "atan",
+        detach_reset: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        if reset not in ("subtract", "zero"):
+            raise ValueError(f"reset must be 'subtract' or 'zero', got {reset!r}")
+        self.decay = float(decay)
+        self.threshold = float(threshold)
+        self.reset = reset
+        self.v_init = v_init
+        self.surrogate = get_surrogate(surrogate)
+        self.detach_reset = detach_reset
+        self.record_membrane = False
+        self.membrane: Tensor | None = None
+
+    def forward(self, x_seq: Tensor) -> Tensor:
+        if isinstance(self.surrogate, Surrogate):
+            v_init = self.v_init
+            if not isinstance(v_init, Tensor):
+                v_init = x_seq.new_full((), v_init)
+            spikes, membrane = _MultiStepNeuron.apply(
+                x_seq,
+                v_init,
+                self.decay,
+                self.threshold,
+                self.reset == "subtract",
+                self.detach_reset,
+                self.surrogate,
+            )
+        else:
+            spikes, membrane = multistep_reference(
+                x_seq,
+                self.surrogate,
+                decay=self.decay,
+                threshold=self.threshold,
+                reset=self.reset,
+                v_init=self.v_init,
+                detach_reset=self.detach_reset,
+            )
+        self.membrane = membrane if self.record_membrane else None
+        return spikes
+
+    def extra_repr(self) -> str:
+        return (
+            f"decay={self.decay}, threshold={self.threshold}, reset={self.reset!r}, "
+            f"surrogate={self.surrogate!r}"
+        )
+
+
+class IF(LIF):
+    """Multi-step integrate-and-fire neuron (no leak): LIF with decay = 1."""
+
+    def __init__(
+        self,
+        threshold: float = 1.0,
+        reset: Reset = "subtract",
+        v_init: float | Tensor = 0.0,
+        surrogate: str | SpikeFn = "atan",
+        detach_reset: bool = True,
+    ) -> None:
+        super().__init__(1.0, threshold, reset, v_init, surrogate, detach_reset)
+
+
+def spiking_neurons(model: nn.Module) -> list[tuple[str, LIF]]:
+    """The (name, module) pairs of every spiking neuron in `model`, in forward order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LIF)]
+
+
+@torch.no_grad()
+def spike_density(model: nn.Module, x: Tensor) -> float:
+    """Fraction of neuron-steps that fired on input `x` (spikes / (neurons x T x batch))."""
+    counts = [0.0, 0]
+
+    def hook(_module: nn.Module, _inputs: tuple[Tensor], spikes: Tensor) -> None:
+        counts[0] += float(spikes.sum())
+        counts[1] += spikes.numel()
+
+    handles = [m.register_forward_hook(hook) for _, m in spiking_neurons(model)]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts[0] / counts[1] if counts[1] else 0.0
