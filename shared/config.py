@@ -1,0 +1,123 @@
+"""The validated run configuration shared by the server and the clients.
+
+Keys are Flower's kebab-case run-config keys (`[tool.flwr.app.config]` in pyproject.toml, overridden
+with `--run-config "key=value ..."`). `RunConfig.parse` turns a raw mapping into a frozen model and
+fails with a `ConfigError` whose one-line message names the key, the bad value and what is allowed.
+The server resolves the config once and sends it to the clients in every message's ConfigRecord, so
+a client never reads pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A user error in the run configuration (one line: what is wrong and how to fix it)."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class RunConfig(BaseModel):
+    """Every run parameter, with its default. Field `x_y` is run-config key `x-y`."""
+
+    model_config = ConfigDict(
+        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    # federation
+    num_server_rounds: int = Field(10, ge=1, description="federated rounds")
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum"] = (
+        "fedavg"
+    )
+    min_clients: int = Field(2, ge=1, description="nodes that must be connected before a round")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="share of nodes sampled a round")
+    fraction_evaluate: float = Field(1.0, ge=0, le=1, description="nodes asked to evaluate")
+    min_nodes: int = Field(2, ge=1, description="fewest replies that still update the model")
+    round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies")
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal term weight")
+    trimmed_beta: float = Field(0.2, gt=0, lt=0.5, description="FedTrimmedAvg cut per side")
+    krum_malicious: int = Field(1, ge=0, description="Krum: tolerated malicious nodes")
+    server_lr: float = Field(0.01, gt=0, description="FedAdam server learning rate (eta)")
+    # data
+    dataset: str = "mnist-subset"
+    data_dir: str = Field("", description="local directory for datasets that need one")
+    partitioning: Literal["iid", "dirichlet"] = "dirichlet"
+    dirichlet_alpha: float = Field(0.5, gt=0, description="label-skew concentration")
+    # model
+    model: Literal["csnn", "mlp", "resnet-mini"] = "csnn"
+    neuron: Literal["lif", "if"] = "lif"
+    surrogate: Literal["atan", "sigmoid", "triangle", "rectangle"] = "atan"
+    time_steps: int = Field(4, ge=1, le=256)
+    # local training
+    local_epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(0.002, gt=0)
+    eval_batch_size: int = Field(500, ge=1)
+    seed: int = 0
+    # outputs
+    out_dir: str = "runs/default"
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from shared.data import DatasetError, dataset_info
+
+        try:
+            dataset_info(name)
+        except DatasetError as err:
+            raise ValueError(str(err)) from None
+        return name
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any] | None = None, **overrides: Any) -> RunConfig:
+        """Validate a run-config mapping (kebab-case keys) plus keyword overrides."""
+        values = {**(raw or {}), **{_kebab(k): v for k, v in overrides.items()}}
+        known = {_kebab(name) for name in cls.model_fields}
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else "see pyproject.toml"
+                raise ConfigError(
+                    f"run config: unknown key '{key}' ({hint}; "
+                    f"known keys: {', '.join(sorted(known))})"
+                )
+        try:
+            return cls.model_validate(values)
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(p) for p in first["loc"]) or "?"
+            bad = values.get(key, first.get("input"))
+            raise ConfigError(
+                f"run config: {key}={bad!r} is not allowed: {first['msg']} "
+                f"(fix it with --run-config \"{key}=...\")"
+            ) from None
+
+    def to_flwr(self) -> dict[str, Any]:
+        """The flat kebab-case mapping Flower's ConfigRecord and run config carry."""
+        return self.model_dump(by_alias=True)
+
+    def model_spec(self) -> dict[str, Any]:
+        """Keyword arguments of `shared.snn.build_model` for this run's dataset and model."""
+        from shared.data import dataset_info
+
+        info = dataset_info(self.dataset)
+        return {
+            "name": self.model,
+            "in_channels": info.in_channels,
+            "num_classes": info.num_classes,
+            "input_size": info.input_size,
+            "time_steps": self.time_steps,
+            "neuron": self.neuron,
+            "surrogate": self.surrogate,
+        }
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return RunConfig.parse(self.to_flwr(), **changes)

@@ -1,0 +1,48 @@
+"""shared.config: defaults in sync with pyproject.toml, and one-line errors for bad values."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from shared.config import ConfigError, RunConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_pyproject_run_config_equals_the_model_defaults():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == RunConfig().to_flwr()
+
+
+def test_parse_round_trip_and_overrides():
+    config = RunConfig.parse({"time-steps": 8, "dataset": "digits"}, lr=0.01)
+    assert (config.time_steps, config.dataset, config.lr) == (8, "digits", 0.01)
+    assert RunConfig.parse(config.to_flwr()) == config
+    assert config.replace(seed=3).seed == 3
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"time-step": 4}, "unknown key 'time-step' (did you mean 'time-steps'?"),
+        ({"time-steps": -3}, "time-steps=-3 is not allowed: Input should be greater than"),
+        ({"strategy": "fedbest"}, "strategy='fedbest' is not allowed: Input should be 'fedavg'"),
+        ({"dataset": "imagenet"}, "dataset='imagenet' is not allowed"),
+        ({"lr": "fast"}, "lr='fast' is not allowed"),
+    ],
+)
+def test_bad_config_is_one_clear_line(raw, needle):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.parse(raw)
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_model_spec_follows_the_dataset():
+    spec = RunConfig.parse({"dataset": "digits", "model": "mlp"}).model_spec()
+    assert spec == {"name": "mlp", "in_channels": 1, "num_classes": 10, "input_size": 8,
+                    "time_steps": 4, "neuron": "lif", "surrogate": "atan"}
