@@ -1,0 +1,100 @@
+"""The Flower ClientApp: one edge node training the global SNN on its own data.
+
+Every message carries the global weights ("arrays") and the server's resolved run config ("config"),
+so the node needs nothing but its node config: `partition-id` + `num-partitions` (simulation and
+partitioned deployments) or `data-dir` (a device with its own local dataset).
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch.utils.data import TensorDataset
+
+from client.train import train_local
+from shared.config import RunConfig
+from shared.data import load_dataset, partition_indices
+from shared.evaluate import evaluate_model
+from shared.snn import build_model, federated_state, load_federated_state, spike_density
+
+app = ClientApp()
+
+DENSITY_SAMPLES = 256  # samples used to measure the trained model's spike density
+
+
+def node_data(config: RunConfig, node_config: dict, split: str) -> TensorDataset:
+    """This node's share of `split`: its local directory, or its partition of the built-in data."""
+    if node_config.get("data-dir"):
+        return load_dataset(config.dataset, split, data_dir=str(node_config["data-dir"]))
+    try:
+        partition_id = int(node_config["partition-id"])
+        num_partitions = int(node_config["num-partitions"])
+    except KeyError as err:
+        raise ValueError(
+            f"node config lacks {err}; start the node with --partition-id/--num-partitions "
+            "or --data-dir"
+        ) from None
+    full = load_dataset(config.dataset, split, data_dir=config.data_dir or None)
+    x, y = full.tensors
+    idx = partition_indices(
+        y,
+        num_partitions,
+        partition_id,
+        scheme=config.partitioning,
+        alpha=config.dirichlet_alpha,
+        seed=config.seed,
+    )
+    idx = torch.as_tensor(idx)
+    return TensorDataset(x[idx], y[idx])
+
+
+def _setup(msg: Message) -> tuple[RunConfig, torch.nn.Module, int]:
+    raw = dict(msg.content["config"])
+    server_round = int(raw.pop("server-round", 0))
+    config = RunConfig.parse(raw)
+    model = build_model(**config.model_spec())
+    load_federated_state(model, msg.content["arrays"].to_torch_state_dict())
+    return config, model, server_round
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config, model, server_round = _setup(msg)
+    data = node_data(config, context.node_config, "train")
+    node_key = int(context.node_config.get("partition-id", context.node_id % 1_000_003))
+    node_seed = config.seed * 1_000_003 + server_round * 1_009 + node_key
+    torch.manual_seed(node_seed)
+    result = train_local(
+        model,
+        data,
+        epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        optimizer=config.optimizer,
+        lr=config.lr,
+        seed=node_seed,
+        proximal_mu=config.proximal_mu if config.strategy == "fedprox" else 0.0,
+    )
+    model.eval()
+    x = data.tensors[0][:DENSITY_SAMPLES]
+    density = spike_density(model, x.transpose(0, 1) if x.dim() == 5 else x)
+    metrics = MetricRecord(
+        {
+            "loss": result.loss,
+            "accuracy": result.accuracy,
+            "num-examples": result.num_examples,
+            "spike-density": density,
+            "train-seconds": result.seconds,
+        }
+    )
+    arrays = ArrayRecord(federated_state(model))
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config, model, _ = _setup(msg)
+    data = node_data(config, context.node_config, "test")
+    loss, accuracy = evaluate_model(model, data, config.eval_batch_size)
+    metrics = MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": len(data)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

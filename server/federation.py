@@ -1,0 +1,206 @@
+"""One federated run on the server side: rounds, global evaluation, checkpoints and run records.
+
+    runs/<name>/checkpoints/round-NNN.safetensors (+ .json)   global model after round NNN
+    runs/<name>/metrics.jsonl                                 one JSON object per finished round
+    runs/<name>/summary.json                                  rounds, accuracy, history, config
+
+`Federation.run(grid)` drives the configured Flower strategy (`server.strategy`). After each round
+it evaluates the global model on the test split, writes the checkpoint atomically, appends the
+round to metrics.jsonl and tells the observer. With `resume=True` it continues after the newest
+checkpoint whose hash verifies (a corrupt newest one is skipped with a message) and keeps
+metrics.jsonl to the rounds before it, so no finished round is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from server.cli import RunError
+from server.strategy import RoundStats, make_strategy
+from shared.checkpoint import CheckpointError, find_checkpoints, load_checkpoint, save_checkpoint
+from shared.config import RunConfig
+from shared.data import load_dataset
+from shared.evaluate import evaluate_model
+from shared.snn import build_model, federated_state, load_federated_state
+
+log = logging.getLogger("spikefed")
+
+
+class Observer(Protocol):
+    """Receives a run's progress (the CLI's live display, the metrics exporter)."""
+
+    def on_start(self, config: RunConfig, first_round: int, initial: dict[str, Any]) -> None: ...
+    def on_round_start(self, stats: RoundStats) -> None: ...
+    def on_round_end(self, entry: dict[str, Any]) -> None: ...
+
+
+def last_good_checkpoint(checkpoint_dir: Path) -> tuple[Path, dict, dict] | None:
+    """The newest checkpoint that loads and verifies, as (path, tensors, metadata)."""
+    for path in reversed(find_checkpoints(checkpoint_dir)):
+        try:
+            tensors, meta = load_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("skipping checkpoint: %s", err)
+            continue
+        return path, tensors, meta
+    return None
+
+
+class Federation:
+    def __init__(
+        self,
+        config: RunConfig,
+        out_dir: str | Path | None = None,
+        *,
+        resume: bool = False,
+        observer: Observer | None = None,
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir or config.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.observer = observer
+        torch.manual_seed(config.seed)
+        self.spec = config.model_spec()
+        self.model = build_model(**self.spec)
+        self.test_set = load_dataset(config.dataset, "test", data_dir=config.data_dir or None)
+        self.history: list[dict[str, Any]] = []
+        self.round_offset = 0
+        self.last_checkpoint: Path | None = None
+        if resume:
+            self._resume()
+        elif find_checkpoints(self.checkpoint_dir):
+            raise RunError(
+                f"{self.out_dir} already holds a run; pass --resume to continue it "
+                "or choose another --out"
+            )
+
+    # -- resume ------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        found = last_good_checkpoint(self.checkpoint_dir)
+        if found is None:
+            raise RunError(
+                f"--resume: no valid checkpoint in {self.checkpoint_dir}; "
+                "run without --resume to start a new run there"
+            )
+        path, tensors, meta = found
+        if meta.get("model") != self.spec:
+            raise RunError(
+                f"--resume: {path} holds model {meta.get('model')}, but the run config asks for "
+                f"{self.spec}; resume with the run's original --run-config"
+            )
+        load_federated_state(self.model, tensors)
+        self.round_offset = int(meta["round"])
+        self.last_checkpoint = path
+        self.history = [e for e in self._read_metrics() if e["round"] <= self.round_offset]
+        self._write_metrics_file()
+        log.info("resuming after round %d from %s", self.round_offset, path)
+
+    def _read_metrics(self) -> list[dict[str, Any]]:
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        entries = []
+        for line in path.read_text().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a crash ends the readable history
+        return entries
+
+    def _write_metrics_file(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(e) + "\n" for e in self.history)
+        (self.out_dir / "metrics.jsonl").write_text(text)
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self, grid: Grid) -> dict[str, Any]:
+        config = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        remaining = config.num_server_rounds - self.round_offset
+        started = time.perf_counter()
+        loss, accuracy = evaluate_model(self.model, self.test_set, config.eval_batch_size)
+        initial = {"round": self.round_offset, "accuracy": accuracy, "loss": loss}
+        if self.observer:
+            self.observer.on_start(config, self.round_offset + 1, initial)
+        if remaining > 0:
+            strategy = make_strategy(config, round_offset=self.round_offset)
+            if self.observer:
+                strategy.on_round_start = self.observer.on_round_start
+            self._strategy = strategy
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(federated_state(self.model)),
+                num_rounds=remaining,
+                timeout=config.round_timeout,
+                train_config=ConfigRecord(config.to_flwr()),
+                evaluate_config=ConfigRecord(config.to_flwr()),
+                evaluate_fn=self._evaluate_round,
+            )
+        return self._write_summary(initial, time.perf_counter() - started)
+
+    def _evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None  # the initial model was evaluated before the strategy started
+        global_round = self.round_offset + server_round
+        load_federated_state(self.model, arrays.to_torch_state_dict())
+        loss, accuracy = evaluate_model(self.model, self.test_set, self.config.eval_batch_size)
+        stats = self._strategy.rounds[global_round]
+        self.last_checkpoint = save_checkpoint(
+            self.checkpoint_dir / f"round-{global_round:03d}.safetensors",
+            federated_state(self.model),
+            {
+                "round": global_round,
+                "accuracy": accuracy,
+                "loss": loss,
+                "model": self.spec,
+                "dataset": self.config.dataset,
+                "config": self.config.to_flwr(),
+            },
+        )
+        entry = {
+            "round": global_round,
+            "accuracy": accuracy,
+            "loss": loss,
+            "clients": stats.clients,
+            "failed": stats.failed,
+            "bytes_up": stats.bytes_up,
+            "bytes_down": stats.bytes_down,
+            "energy_j": stats.energy_j,
+            "duration_s": time.perf_counter() - stats.started,
+            "train_loss": stats.train_loss,
+            "train_accuracy": stats.train_accuracy,
+            "client_accuracy": stats.client_accuracy,
+            "spike_density": stats.spike_density,
+        }
+        self.history.append(entry)
+        with (self.out_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self.observer:
+            self.observer.on_round_end(entry)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    def _write_summary(self, initial: dict[str, Any], seconds: float) -> dict[str, Any]:
+        last = self.history[-1] if self.history else initial
+        summary = {
+            "rounds": len(self.history),
+            "final_accuracy": last["accuracy"],
+            "final_loss": last["loss"],
+            "best_accuracy": max((e["accuracy"] for e in self.history), default=None),
+            "initial": initial,
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "duration_s": seconds,
+            "model": self.spec,
+            "history": self.history,
+            "config": self.config.to_flwr(),
+        }
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+

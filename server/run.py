@@ -1,0 +1,204 @@
+"""`spikefed-run`: the whole federation on this machine with Flower's simulation engine (Ray).
+
+The ServerApp runs in this process (so it can drive the live display); every simulated edge client
+is the real ClientApp (`client.app:app`) in a Ray actor with one CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from server.cli import UserError, parse_overrides, user_errors
+from server.federation import Federation
+from server.strategy import RoundStats
+from shared.config import RunConfig
+
+CLIENT_APP = "client.app:app"
+
+console = Console(highlight=False)
+cli = typer.Typer(add_completion=False, rich_markup_mode="rich")
+
+
+class LiveProgress:
+    """Observer that shows one progress bar for the run and prints a line per finished round."""
+
+    def __init__(self, progress: Progress, total_rounds: int) -> None:
+        self.progress = progress
+        self.total = total_rounds
+        self.task = progress.add_task("starting", total=total_rounds)
+
+    def on_start(self, config: RunConfig, first_round: int, initial: dict[str, Any]) -> None:
+        self.progress.update(self.task, completed=first_round - 1)
+        what = "resumed model" if first_round > 1 else "initial model"
+        self.progress.console.print(
+            f"{what}: accuracy {initial['accuracy']:.2%}, loss {initial['loss']:.3f}"
+        )
+
+    def on_round_start(self, stats: RoundStats) -> None:
+        self.progress.update(self.task, description=f"round {stats.round}/{self.total} training")
+
+    def on_round_end(self, entry: dict[str, Any]) -> None:
+        self.progress.console.print(
+            f"round {entry['round']:>3}/{self.total}  accuracy {entry['accuracy']:7.2%}  "
+            f"loss {entry['loss']:.3f}  clients {entry['clients']}"
+            + (f" ({entry['failed']} failed)" if entry["failed"] else "")
+            + f"  {entry['duration_s']:.1f}s"
+        )
+        self.progress.update(self.task, advance=1, description="evaluated")
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="spikefed run", title_justify="left")
+    for col in ("round", "accuracy", "loss", "clients", "MB up", "MB down", "seconds"):
+        table.add_column(col, justify="right")
+    for e in summary["history"]:
+        table.add_row(
+            str(e["round"]),
+            f"{e['accuracy']:.2%}",
+            f"{e['loss']:.3f}",
+            str(e["clients"]),
+            f"{e['bytes_up'] / 1e6:.2f}",
+            f"{e['bytes_down'] / 1e6:.2f}",
+            f"{e['duration_s']:.1f}",
+        )
+    return table
+
+
+def _quiet_frameworks(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.ERROR
+    logging.getLogger("flwr").setLevel(level)
+    logging.getLogger("ray").setLevel(level)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def simulate(
+    federation: Federation,
+    num_clients: int,
+    *,
+    cpus_per_client: float = 1.0,
+    ray_address: str | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run `federation` against `num_clients` simulated nodes; returns the run summary."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+    from flwr.supercore.object_ref import load_app
+
+    result: dict[str, Any] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid, context) -> None:
+        result.update(federation.run(grid))
+
+    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
+    if ray_address:
+        init_args["address"] = ray_address
+    else:
+        init_args["num_cpus"] = max(os.cpu_count() or 1, int(cpus_per_client))
+    if not verbose:
+        init_args["logging_level"] = "error"
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    run_simulation(
+        server_app=server_app,
+        client_app=load_app(CLIENT_APP, UserError),
+        num_supernodes=num_clients,
+        backend_config={
+            "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+            "init_args": init_args,
+        },
+        verbose_logging=verbose,
+    )
+    if not result:
+        raise RuntimeError("the simulation ended without finishing the run (see --verbose)")
+    return result
+
+
+@cli.command(
+    epilog="Examples:\n\n"
+    "  spikefed-run\n\n"
+    "  spikefed-run --clients 3 --rounds 2 --out runs/quick\n\n"
+    '  spikefed-run --run-config "strategy=fedmedian partitioning=iid time-steps=2"\n\n'
+    "  spikefed-run --out runs/quick --rounds 5 --resume"
+)
+@user_errors
+def main(
+    clients: Annotated[int, typer.Option(min=1, help="Simulated edge clients.")] = 5,
+    rounds: Annotated[
+        int | None, typer.Option(min=1, help="Federated rounds [default: num-server-rounds]")
+    ] = None,
+    run_config: Annotated[
+        str, typer.Option("--run-config", help='Overrides, e.g. "time-steps=2 lr=0.001".')
+    ] = "",
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory [default: runs/<date>-<time>].")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out after its last good checkpoint.")
+    ] = False,
+    cpus_per_client: Annotated[float, typer.Option(min=0.1, help="Ray CPUs per client.")] = 1.0,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Join this Ray cluster instead of starting one.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+) -> None:
+    """Run the whole federation (server + simulated SNN edge clients) on this machine."""
+    if resume and out is None:
+        raise UserError("--resume needs --out, the run directory to continue")
+    out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    overrides = parse_overrides(run_config)
+    overrides.update({"min-clients": clients, "out-dir": str(out)})
+    if rounds is not None:
+        overrides["num-server-rounds"] = rounds
+    config = RunConfig.parse(overrides)
+    if config.min_nodes > clients:
+        config = config.replace(min_nodes=clients)
+    _quiet_frameworks(verbose)
+    console.print(
+        f"[bold]spikefed[/] {config.model} ({config.neuron}, T={config.time_steps}) on "
+        f"{config.dataset}: {clients} clients, {config.num_server_rounds} rounds, "
+        f"{config.strategy}, {config.partitioning} partitions -> {out}"
+    )
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        observer = LiveProgress(progress, config.num_server_rounds)
+        federation = Federation(config, out, resume=resume, observer=observer)
+        summary = simulate(
+            federation,
+            clients,
+            cpus_per_client=cpus_per_client,
+            ray_address=ray_address,
+            verbose=verbose,
+        )
+    if summary["history"]:
+        console.print(summary_table(summary))
+    console.print(
+        f"final accuracy [bold]{summary['final_accuracy']:.2%}[/] after {summary['rounds']} "
+        f"rounds in {summary['duration_s']:.0f}s; summary: {out / 'summary.json'}"
+    )
+
+
+def run_cli() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    run_cli()

@@ -1,0 +1,91 @@
+"""spikefed-run end to end: real Flower simulations (Ray actors) and the CLI's user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from shared.checkpoint import find_checkpoints, load_checkpoint
+
+HISTORY_KEYS = {"round", "accuracy", "loss", "clients", "bytes_up", "bytes_down", "energy_j",
+                "duration_s"}
+
+
+def spikefed_run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "server.run", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--run-config", "time-step=4"], "unknown key 'time-step'"),
+        (["--run-config", "time-steps=-3"], "time-steps=-3 is not allowed"),
+        (["--run-config", "dataset=imagenet"], "unknown dataset 'imagenet'"),
+        (["--run-config", "dataset=mnist data-dir=/nonexistent/dir"], "/nonexistent/dir"),
+        (["--resume"], "--resume needs --out"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, needle):
+    result = spikefed_run(*args)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resume_without_checkpoint_is_one_line(tmp_path):
+    result = spikefed_run("--out", str(tmp_path / "empty"), "--resume")
+    assert result.returncode == 2
+    assert "no valid checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_three_clients_two_rounds_writes_run_directory(tmp_path):
+    out = tmp_path / "run"
+    result = spikefed_run("--clients", "3", "--rounds", "2", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2
+    assert 0.0 <= summary["final_accuracy"] <= 1.0
+    assert summary["final_accuracy"] > 0.5  # two rounds on mnist-subset learn far beyond chance
+    assert summary["config"]["num-server-rounds"] == 2 and summary["config"]["min-clients"] == 3
+    assert [e["round"] for e in summary["history"]] == [1, 2]
+    for entry in summary["history"]:
+        assert HISTORY_KEYS <= entry.keys()
+        assert entry["clients"] == 3 and entry["bytes_up"] > 0 and entry["bytes_down"] > 0
+    checkpoints = find_checkpoints(out / "checkpoints")
+    assert [p.name for p in checkpoints] == ["round-001.safetensors", "round-002.safetensors"]
+    _, meta = load_checkpoint(checkpoints[-1])
+    assert meta["accuracy"] == summary["final_accuracy"]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2]
+    assert "final accuracy" in result.stdout
+
+
+@pytest.mark.slow
+def test_resume_continues_after_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    small = ["--clients", "2", "--out", str(out), "--run-config",
+             "dataset=digits time-steps=2 local-epochs=1"]
+    first = spikefed_run(*small, "--rounds", "2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = spikefed_run(*small, "--rounds", "2")
+    assert again.returncode == 2 and "--resume" in again.stderr  # no silent overwrite
+
+    newest = out / "checkpoints" / "round-002.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # a crash mid-write of round 2's weights
+    resumed = spikefed_run(*small, "--rounds", "3", "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "round-002.safetensors is corrupt" in resumed.stdout + resumed.stderr
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    rounds = [json.loads(line)["round"] for line in lines]
+    assert rounds == [1, 2, 3]  # round 2 redone once from round 1's checkpoint, none repeated
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e["round"] for e in summary["history"]] == [1, 2, 3]
+    load_checkpoint(out / "checkpoints" / "round-002.safetensors")  # rewritten, valid again
