@@ -72,6 +72,6 @@ def train_local(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
     return TrainResult(loss_sum / n, correct / n, n, time.perf_counter() - start)

@@ -1,0 +1,93 @@
+"""The ClientApp handlers, called through Flower's ClientApp with real Messages; the trainer."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+from client.app import app, node_data
+from client.train import train_local
+from shared.config import RunConfig
+from shared.data import load_dataset
+from shared.snn import build_model, federated_state
+
+CONFIG = RunConfig.parse({"dataset": "digits", "time-steps": 2, "local-epochs": 1,
+                          "batch-size": 64})
+
+
+def instruction(kind: str, model: torch.nn.Module, config: RunConfig = CONFIG) -> Message:
+    content = RecordDict({
+        "arrays": ArrayRecord(federated_state(model)),
+        "config": ConfigRecord({**config.to_flwr(), "server-round": 1}),
+    })
+    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7,
+                        reply_to_message_id="", group_id="1", created_at=time.time(),
+                        ttl=600.0, message_type=kind)
+    return Message(content=content, metadata=metadata)
+
+
+def context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                   run_config={})
+
+
+def fresh_model(config: RunConfig = CONFIG) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(**config.model_spec())
+
+
+def test_train_reply_has_arrays_and_metrics():
+    model = fresh_model()
+    reply = app(instruction("train", model), context({"partition-id": 1, "num-partitions": 3}))
+    assert not reply.has_error()
+    metrics = reply.content["metrics"]
+    assert set(metrics) >= {"loss", "accuracy", "num-examples", "spike-density"}
+    assert 0 < metrics["spike-density"] < 1 and 0 <= metrics["accuracy"] <= 1
+    expected = len(node_data(CONFIG, {"partition-id": 1, "num-partitions": 3}, "train"))
+    assert metrics["num-examples"] == expected
+    trained = reply.content["arrays"].to_torch_state_dict()
+    before = federated_state(model)
+    assert trained.keys() == before.keys()
+    assert not torch.equal(trained["conv1.weight"], before["conv1.weight"])  # it trained
+
+
+def test_evaluate_reply_on_local_test_partition():
+    reply = app(instruction("evaluate", fresh_model()),
+                context({"partition-id": 0, "num-partitions": 2}))
+    metrics = reply.content["metrics"]
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num-examples"] > 0
+
+
+def test_partitions_of_all_nodes_cover_the_training_split():
+    sizes = [len(node_data(CONFIG, {"partition-id": i, "num-partitions": 4}, "train"))
+             for i in range(4)]
+    assert sum(sizes) == len(load_dataset("digits", "train"))
+
+
+def test_node_without_partition_or_data_dir_is_a_clear_error():
+    with pytest.raises(ValueError, match="--partition-id"):
+        node_data(CONFIG, {}, "train")
+
+
+def test_proximal_term_keeps_weights_closer_to_the_global_model():
+    data = load_dataset("digits", "train")
+    distances = []
+    for mu in (0.0, 10.0):
+        model = fresh_model()
+        start = [p.detach().clone() for p in model.parameters()]
+        train_local(model, data, epochs=1, batch_size=64, optimizer="sgd", lr=0.05, seed=0,
+                    proximal_mu=mu)
+        distances.append(sum(float((p - s).square().sum())
+                             for p, s in zip(model.parameters(), start, strict=True)))
+    assert distances[1] < distances[0]
+
+
+def test_local_training_learns():
+    data = load_dataset("digits", "train")
+    model = fresh_model()
+    first = train_local(model, data, epochs=1, batch_size=32, optimizer="adam", lr=0.005, seed=0)
+    later = train_local(model, data, epochs=2, batch_size=32, optimizer="adam", lr=0.005, seed=1)
+    assert later.loss < first.loss and later.accuracy > 0.8
