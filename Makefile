@@ -20,10 +20,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
-bench:
-	$(MAKE) EXTRAS=dev,bench $(STAMP)
+bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
-	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/train_throughput.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

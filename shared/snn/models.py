@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from .neuron import IF, LIF
@@ -25,6 +26,43 @@ from .surrogate import SpikeFn
 def over_time(layer: Callable[[Tensor], Tensor], x_seq: Tensor) -> Tensor:
     """Apply a stateless layer to every step of `[T, B, ...]` as one batch of T*B."""
     return layer(x_seq.flatten(0, 1)).unflatten(0, x_seq.shape[:2])
+
+
+class _AvgPool2x2(torch.autograd.Function):
+    """2x2 average pooling, stride 2, of `[..., H, W]` (H and W even), as strided-slice sums.
+
+    Several times faster than `F.avg_pool2d` on CPU for the NCHW spike maps here, forward and
+    backward; the values are the same (a sum of 4 then * 0.25, the backward is exact)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.shape = x.shape
+        out = x[..., ::2, ::2] + x[..., 1::2, ::2]
+        out += x[..., ::2, 1::2]
+        out += x[..., 1::2, 1::2]
+        return out.mul_(0.25)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        *lead, h, w = ctx.shape
+        grad_in = grad.new_empty(*lead, h // 2, 2, w // 2, 2)
+        quarter = grad * 0.25
+        for i in (0, 1):
+            for j in (0, 1):
+                grad_in[..., i, :, j] = quarter
+        return grad_in.view(ctx.shape)
+
+
+class AvgPool2x2(nn.AvgPool2d):
+    """`nn.AvgPool2d(2)` with a faster CPU path for even-sized inputs."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0:
+            return _AvgPool2x2.apply(x)
+        return super().forward(x)
 
 
 class SpikingNet(nn.Module):
@@ -75,11 +113,11 @@ class CSNN(SpikingNet):
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.sn1 = _neuron(neuron, surrogate, **kw)
-        self.pool1 = nn.AvgPool2d(2)
+        self.pool1 = AvgPool2x2()
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(32)
         self.sn2 = _neuron(neuron, surrogate, **kw)
-        self.pool2 = nn.AvgPool2d(2)
+        self.pool2 = AvgPool2x2()
         self.fc = nn.Linear(32 * (input_size // 4) ** 2, num_classes)
 
     def head(self, x: Tensor) -> Tensor:

@@ -47,38 +47,46 @@ class _MultiStepNeuron(torch.autograd.Function):
         detach_reset: bool,
         surrogate: Surrogate,
     ) -> tuple[Tensor, Tensor]:
+        steps = x_seq.shape[0]
         h_seq = torch.empty(x_seq.shape, dtype=x_seq.dtype, device=x_seq.device)
         s_seq = torch.empty_like(h_seq)
         v = v_init * decay  # the decayed potential carried into the next step
-        for t in range(x_seq.shape[0]):
+        v_buf = torch.empty_like(h_seq[0]) if steps > 1 else None
+        for t in range(steps):
             h = torch.add(v, x_seq[t], out=h_seq[t])
-            fired = h >= threshold
-            s_seq[t] = fired
-            if t + 1 < x_seq.shape[0]:
-                v = torch.sub(h, s_seq[t], alpha=threshold) if subtract else h.masked_fill(fired, 0)
+            s = torch.ge(h, threshold, out=s_seq[t])  # float spikes straight into the output
+            if t + 1 < steps:
+                if subtract:
+                    v = torch.sub(h, s, alpha=threshold, out=v_buf)
+                else:
+                    v = h.masked_fill(h >= threshold, 0)
                 if decay != 1.0:
                     v.mul_(decay)
         ctx.save_for_backward(h_seq)
         ctx.v_init_shape = v_init.shape
         ctx.config = (decay, threshold, subtract, detach_reset, surrogate)
         ctx.mark_non_differentiable(h_seq)
+        ctx.set_materialize_grads(False)  # no zero-filled [T, ...] gradient for h_seq
         return s_seq, h_seq
 
     @staticmethod
-    def backward(ctx, grad_s: Tensor, _grad_h: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_s: Tensor | None, _grad_h: Tensor | None):  # type: ignore[override]
+        if grad_s is None:  # the spikes were not used
+            return None, None, None, None, None, None, None
         (h_seq,) = ctx.saved_tensors
         decay, threshold, subtract, detach_reset, surrogate = ctx.config
-        sg = surrogate.grad_(h_seq - threshold)  # g(h - threshold), all T at once
         if detach_reset:
             # dL/dh[t] = dL/ds[t] g[t] + decay dL/dh[t+1] (times 1 - s[t] for reset to zero),
-            # accumulated in place in the buffer that held g.
-            grad_x = sg.mul_(grad_s)
+            # accumulated in place in the buffer that held h - threshold.
+            grad_x = surrogate.grad_mul_(h_seq - threshold, grad_s)
             for t in reversed(range(h_seq.shape[0] - 1)):
-                carry = grad_x[t + 1] * decay if decay != 1.0 else grad_x[t + 1]
-                if not subtract:
-                    carry = carry.masked_fill(h_seq[t] >= threshold, 0)
-                grad_x[t].add_(carry)
+                if subtract:
+                    grad_x[t].add_(grad_x[t + 1], alpha=decay)
+                else:
+                    carry = grad_x[t + 1] * decay if decay != 1.0 else grad_x[t + 1]
+                    grad_x[t].add_(carry.masked_fill(h_seq[t] >= threshold, 0))
         else:
+            sg = surrogate.grad_(h_seq - threshold)  # g(h - threshold), all T at once
             grad_x = torch.empty_like(h_seq)
             grad_v = None  # dL/dv[t]
             for t in reversed(range(h_seq.shape[0])):

@@ -65,6 +65,10 @@ class Surrogate:
     def grad(self, x: Tensor) -> Tensor:
         return self.grad_(x.clone())
 
+    def grad_mul_(self, x: Tensor, grad: Tensor) -> Tensor:
+        """`grad * g(x)`, computed in x's memory (subclasses may fuse the two)."""
+        return self.grad_(x).mul_(grad)
+
     def __call__(self, x: Tensor) -> Tensor:
         return _Heaviside.apply(x, self)
 
@@ -83,6 +87,13 @@ class ATan(Surrogate):
         a = self.alpha
         c = math.pi / 2 * a
         return x.square_().mul_(2 * c * c / a).add_(2 / a).reciprocal_()
+
+    def grad_mul_(self, x: Tensor, grad: Tensor) -> Tensor:
+        # grad / (2/a + (2 c^2 / a) x^2): two passes (addcmul, div) instead of five
+        a = self.alpha
+        c = math.pi / 2 * a
+        den = torch.addcmul(x.new_full((), 2 / a), x, x, value=2 * c * c / a, out=x)
+        return torch.div(grad, den, out=den)
 
 
 class Sigmoid(Surrogate):

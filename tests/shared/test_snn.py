@@ -191,3 +191,18 @@ def test_snn_and_data_do_not_import_flwr():
            "print('flwr' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_fast_avg_pool_equals_torch_avg_pool():
+    from shared.snn.models import AvgPool2x2
+
+    x = torch.rand(3, 4, 6, 8, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, ref = AvgPool2x2()(x), torch.nn.functional.avg_pool2d(x_ref, 2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-15)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+    odd = torch.rand(1, 1, 5, 5)
+    torch.testing.assert_close(AvgPool2x2()(odd), torch.nn.functional.avg_pool2d(odd, 2))
