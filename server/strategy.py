@@ -76,7 +76,7 @@ class RoundRecorder:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         global_round = self.round_offset + server_round
-        stats = self.rounds[global_round]
+        stats = self.rounds.setdefault(global_round, RoundStats(global_round))
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
         stats.failed = len(replies) - len(ok)
