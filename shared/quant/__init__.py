@@ -1,0 +1,29 @@
+"""Shift-BN integer quantization of spiking nets: fake-quant QAT, integer export, integer engine.
+
+The lifecycle has three visible stages, as in torch.ao:
+
+    qat = quantize(build_model("csnn", ...), bits=4)    # train as usual (float shadow weights)
+    engine = to_integer(qat)                            # integers only: codes, shifts, thresholds
+    logits = engine(x_uint8) * engine.output_scale      # == qat.eval()(x_uint8 / 255), exactly
+"""
+
+from .engine import IntegerModel, load_integer, save_integer, to_integer
+from .fake import QLIF, QConv2d, QLinear, QuantError, fake_quant_weight, weight_codes
+from .qat import QuantizedMixin, fold_readout, fold_spiking, quantize
+
+__all__ = [
+    "IntegerModel",
+    "QConv2d",
+    "QLIF",
+    "QLinear",
+    "QuantError",
+    "QuantizedMixin",
+    "fake_quant_weight",
+    "fold_readout",
+    "fold_spiking",
+    "load_integer",
+    "quantize",
+    "save_integer",
+    "to_integer",
+    "weight_codes",
+]
