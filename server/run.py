@@ -111,6 +111,7 @@ def simulate(
     if not verbose:
         init_args["logging_level"] = "error"
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs asked for
     run_simulation(
         server_app=server_app,
         client_app=load_app(CLIENT_APP, UserError),
