@@ -13,10 +13,10 @@ from flwr.clientapp import ClientApp
 from torch.utils.data import TensorDataset
 
 from client.train import train_local
-from shared.config import RunConfig
+from shared.config import RunConfig, build_from_spec
 from shared.data import load_dataset, partition_indices
 from shared.evaluate import evaluate_model
-from shared.snn import build_model, federated_state, load_federated_state, spike_density
+from shared.snn import federated_state, load_federated_state, spike_density
 
 app = ClientApp()
 
@@ -53,7 +53,7 @@ def _setup(msg: Message) -> tuple[RunConfig, torch.nn.Module, int]:
     raw = dict(msg.content["config"])
     server_round = int(raw.pop("server-round", 0))
     config = RunConfig.parse(raw)
-    model = build_model(**config.model_spec())
+    model = build_from_spec(config.model_spec())
     load_federated_state(model, msg.content["arrays"].to_torch_state_dict())
     return config, model, server_round
 

@@ -26,10 +26,10 @@ from flwr.serverapp import Grid
 from server.cli import RunError
 from server.strategy import RoundStats, make_strategy
 from shared.checkpoint import CheckpointError, find_checkpoints, load_checkpoint, save_checkpoint
-from shared.config import RunConfig
+from shared.config import RunConfig, build_from_spec
 from shared.data import load_dataset
 from shared.evaluate import evaluate_model
-from shared.snn import build_model, federated_state, load_federated_state
+from shared.snn import federated_state, load_federated_state
 
 log = logging.getLogger("spikefed")
 
@@ -69,7 +69,7 @@ class Federation:
         self.observer = observer
         torch.manual_seed(config.seed)
         self.spec = config.model_spec()
-        self.model = build_model(**self.spec)
+        self.model = build_from_spec(self.spec)
         self.test_set = load_dataset(config.dataset, "test", data_dir=config.data_dir or None)
         self.history: list[dict[str, Any]] = []
         self.round_offset = 0

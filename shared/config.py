@@ -13,7 +13,14 @@ import difflib
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -55,6 +62,9 @@ class RunConfig(BaseModel):
     neuron: Literal["lif", "if"] = "lif"
     surrogate: Literal["atan", "sigmoid", "triangle", "rectangle"] = "atan"
     time_steps: int = Field(4, ge=1, le=256)
+    weight_bits: Literal[2, 3, 4, 5, 6, 7, 8, 32] = Field(
+        4, description="integer weight bits of quantization-aware training; 32 = float"
+    )
     # local training
     local_epochs: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -75,6 +85,12 @@ class RunConfig(BaseModel):
         except DatasetError as err:
             raise ValueError(str(err)) from None
         return name
+
+    @model_validator(mode="after")
+    def _quantizable(self) -> RunConfig:
+        if self.weight_bits != 32 and self.model == "resnet-mini":
+            raise ValueError("resnet-mini trains in float only: set weight-bits=32")
+        return self
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None = None, **overrides: Any) -> RunConfig:
@@ -117,7 +133,20 @@ class RunConfig(BaseModel):
             "time_steps": self.time_steps,
             "neuron": self.neuron,
             "surrogate": self.surrogate,
+            "weight_bits": self.weight_bits,
         }
 
     def replace(self, **changes: Any) -> RunConfig:
         return RunConfig.parse(self.to_flwr(), **changes)
+
+
+def build_from_spec(spec: Mapping[str, Any]) -> Any:
+    """The model a run or checkpoint describes (`RunConfig.model_spec()`): `build_model`, then
+    quantization-aware (`shared.quant.quantize`) unless `weight_bits` is 32."""
+    from shared.quant import quantize
+    from shared.snn import build_model
+
+    kwargs = dict(spec)
+    bits = int(kwargs.pop("weight_bits", 32))
+    model = build_model(**kwargs)
+    return model if bits == 32 else quantize(model, bits)

@@ -10,9 +10,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Reco
 
 from client.app import app, node_data
 from client.train import train_local
-from shared.config import RunConfig
+from shared.config import RunConfig, build_from_spec
 from shared.data import load_dataset
-from shared.snn import build_model, federated_state
+from shared.snn import federated_state
 
 CONFIG = RunConfig.parse({"dataset": "digits", "time-steps": 2, "local-epochs": 1,
                           "batch-size": 64})
@@ -36,7 +36,7 @@ def context(node_config: dict) -> Context:
 
 def fresh_model(config: RunConfig = CONFIG) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(**config.model_spec())
+    return build_from_spec(config.model_spec())
 
 
 def test_train_reply_has_arrays_and_metrics():
@@ -80,7 +80,7 @@ def test_proximal_term_keeps_weights_closer_to_the_global_model():
         start = [p.detach().clone() for p in model.parameters()]
         train_local(model, data, epochs=1, batch_size=64, optimizer="sgd", lr=0.05, seed=0,
                     proximal_mu=mu)
-        distances.append(sum(float((p - s).square().sum())
+        distances.append(sum(float((p.detach() - s).square().sum())
                              for p, s in zip(model.parameters(), start, strict=True)))
     assert distances[1] < distances[0]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import ConfigError, RunConfig
+from shared.config import ConfigError, RunConfig, build_from_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,4 +45,17 @@ def test_bad_config_is_one_clear_line(raw, needle):
 def test_model_spec_follows_the_dataset():
     spec = RunConfig.parse({"dataset": "digits", "model": "mlp"}).model_spec()
     assert spec == {"name": "mlp", "in_channels": 1, "num_classes": 10, "input_size": 8,
-                    "time_steps": 4, "neuron": "lif", "surrogate": "atan"}
+                    "time_steps": 4, "neuron": "lif", "surrogate": "atan", "weight_bits": 4}
+
+
+def test_weight_bits_selects_quantization_aware_or_float_models():
+    from shared.quant import QuantizedMixin
+
+    quantized = build_from_spec(RunConfig.parse({"dataset": "digits"}).model_spec())
+    assert isinstance(quantized, QuantizedMixin) and quantized.conv1.bits == 4
+    float_model = build_from_spec(RunConfig.parse({"weight-bits": 32}).model_spec())
+    assert not isinstance(float_model, QuantizedMixin)
+    with pytest.raises(ConfigError, match="weight-bits=16 is not allowed"):
+        RunConfig.parse({"weight-bits": 16})
+    with pytest.raises(ConfigError, match="resnet-mini trains in float only"):
+        RunConfig.parse({"model": "resnet-mini"})
