@@ -44,7 +44,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/train_throughput.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
+from bench.common import alternate, print_table  # noqa: E402
 from shared.snn import build_model  # noqa: E402
 
 # spikingjelly's import probes for Triton and logs a warning when it is absent (CPU-only torch).
@@ -244,78 +244,18 @@ def learning_check(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return result
 
 
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds all cores together have spent busy since boot (Linux /proc/stat), else None."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def time_steps_for(
-    impl: Impl, batches: list[tuple[Tensor, Tensor]], seconds: float, offset: int
-) -> tuple[int, float, float | None]:
-    """Run whole steps until `seconds` have passed.
-
-    Returns (steps, elapsed seconds, CPU cores other processes kept busy meanwhile, or None).
-    """
-    n = 0
-    busy0, own0 = busy_cpu_seconds(), time.process_time()
-    start = time.perf_counter()
-    while True:
-        x, y = batches[(offset + n) % len(batches)]
-        impl.step(x, y)
-        n += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            break
-    busy1, own1 = busy_cpu_seconds(), time.process_time()
-    others = None
-    if busy0 is not None and busy1 is not None:
-        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / elapsed
-    return n, elapsed, others
-
-
 def benchmark(args: argparse.Namespace) -> tuple[dict[str, list[float]], list[float]]:
     """Samples/s of every implementation in every round, and the other processes' CPU load
     (cores) measured during each timed run."""
     impls = make_impls(args.time_steps, args.lr, args.seed)
     batches = make_batches(8, args.batch_size, args.seed + 2)
-    for impl in impls:  # warm-up: allocator, oneDNN primitive caches, lazy imports
-        time_steps_for(impl, batches, args.warmup, 0)
-    rates: dict[str, list[float]] = {impl.name: [] for impl in impls}
-    others: list[float] = []
-    for r in range(args.rounds):
-        order = impls[r % len(impls) :] + impls[: r % len(impls)]  # rotate who goes first
-        for impl in order:
-            n, elapsed, load = time_steps_for(impl, batches, args.seconds, r)
-            rates[impl.name].append(n * args.batch_size / elapsed)
-            if load is not None:
-                others.append(load)
-    return rates, others
+    steps = {impl.name: (lambda i, impl=impl: impl.step(*batches[i % len(batches)]))
+             for impl in impls}
+    rates, others = alternate(steps, args.rounds, args.seconds, args.warmup)
+    return {k: [r * args.batch_size for r in v] for k, v in rates.items()}, others
 
 
 # --------------------------------------------------------------------------- output
-
-
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover
-        print(title)
-        for row in [header, *rows]:
-            print("  ".join(f"{c:>14}" for c in row))
-        return
-    table = Table(title=title)
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

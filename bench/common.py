@@ -1,0 +1,70 @@
+"""Timing helpers shared by the benchmarks: alternate implementations in rounds, watch the load."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds all cores together have spent busy since boot (Linux /proc/stat), else None."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def run_for(step: Callable[[int], object], seconds: float) -> tuple[int, float, float | None]:
+    """Call `step(i)` for i = 0, 1, ... until `seconds` have passed.
+
+    Returns (calls, elapsed seconds, CPU cores other processes kept busy meanwhile, or None).
+    """
+    n = 0
+    busy0, own0 = busy_cpu_seconds(), time.process_time()
+    start = time.perf_counter()
+    while True:
+        step(n)
+        n += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            break
+    busy1, own1 = busy_cpu_seconds(), time.process_time()
+    others = None
+    if busy0 is not None and busy1 is not None:
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / elapsed
+    return n, elapsed, others
+
+
+def alternate(
+    steps: dict[str, Callable[[int], object]], rounds: int, seconds: float, warmup: float
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Calls/s of every step function in every round (rotating who goes first, after a warm-up),
+    and the other processes' CPU load (cores) measured during each timed run."""
+    names = list(steps)
+    for name in names:  # warm-up: allocator, oneDNN primitive caches, lazy imports
+        run_for(steps[name], warmup)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    others: list[float] = []
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            n, elapsed, load = run_for(lambda i, f=steps[name], r=r: f(r + i), seconds)
+            rates[name].append(n / elapsed)
+            if load is not None:
+                others.append(load)
+    return rates, others
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
