@@ -66,12 +66,14 @@ class RunConfig(BaseModel):
         4, description="integer weight bits of quantization-aware training; 32 = float"
     )
     # local training
-    local_epochs: int = Field(2, ge=1)
+    local_epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(0.002, gt=0)
     eval_batch_size: int = Field(500, ge=1)
     seed: int = 0
+    # the simulated neuromorphic chip that accounts every local training step (shared.neurocore)
+    chip: str = Field("edge-int8", description="chip preset (shared.neurocore.PRESETS) or none")
     # outputs
     out_dir: str = "runs/default"
 
@@ -84,6 +86,15 @@ class RunConfig(BaseModel):
             dataset_info(name)
         except DatasetError as err:
             raise ValueError(str(err)) from None
+        return name
+
+    @field_validator("chip")
+    @classmethod
+    def _known_chip(cls, name: str) -> str:
+        from shared.neurocore import PRESETS
+
+        if name != "none" and name not in PRESETS:
+            raise ValueError(f"unknown chip preset; choose one of: {', '.join(PRESETS)}, none")
         return name
 
     @model_validator(mode="after")
