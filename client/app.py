@@ -16,6 +16,7 @@ from client.train import train_local
 from shared.config import RunConfig, build_from_spec
 from shared.data import load_dataset, partition_indices
 from shared.evaluate import evaluate_model
+from shared.neurocore import ChipConfig
 from shared.snn import federated_state, load_federated_state, spike_density
 
 app = ClientApp()
@@ -65,6 +66,9 @@ def train(msg: Message, context: Context) -> Message:
     node_key = int(context.node_config.get("partition-id", context.node_id % 1_000_003))
     node_seed = config.seed * 1_000_003 + server_round * 1_009 + node_key
     torch.manual_seed(node_seed)
+    chip = None
+    if config.chip != "none":  # every local step accounted on the simulated chip
+        chip = ChipConfig.preset(config.chip, optimizer=config.optimizer)
     result = train_local(
         model,
         data,
@@ -74,19 +78,25 @@ def train(msg: Message, context: Context) -> Message:
         lr=config.lr,
         seed=node_seed,
         proximal_mu=config.proximal_mu if config.strategy == "fedprox" else 0.0,
+        chip=chip,
     )
-    model.eval()
-    x = data.tensors[0][:DENSITY_SAMPLES]
-    density = spike_density(model, x.transpose(0, 1) if x.dim() == 5 else x)
-    metrics = MetricRecord(
-        {
-            "loss": result.loss,
-            "accuracy": result.accuracy,
-            "num-examples": result.num_examples,
-            "spike-density": density,
-            "train-seconds": result.seconds,
-        }
-    )
+    density = result.spike_density  # over this round's training steps
+    if density is None:  # no chip accounting: measure the trained model instead
+        model.eval()
+        x = data.tensors[0][:DENSITY_SAMPLES]
+        density = spike_density(model, x.transpose(0, 1) if x.dim() == 5 else x)
+    values = {
+        "loss": result.loss,
+        "accuracy": result.accuracy,
+        "num-examples": result.num_examples,
+        "spike-density": density,
+        "train-seconds": result.seconds,
+    }
+    if chip is not None:
+        values.update(
+            {"energy-j": result.energy_j, "cycles": result.cycles, "dram-bytes": result.dram_bytes}
+        )
+    metrics = MetricRecord(values)
     arrays = ArrayRecord(federated_state(model))
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

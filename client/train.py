@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from shared.neurocore import Accountant, ChipConfig
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,11 @@ class TrainResult:
     accuracy: float  # training accuracy over the last epoch (0..1)
     num_examples: int  # samples in the partition
     seconds: float
+    # The neuromorphic chip's account of every training step (all epochs); zero without a chip.
+    energy_j: float = 0.0
+    cycles: int = 0
+    dram_bytes: int = 0
+    spike_density: float | None = None  # spikes / neuron-steps over the training steps
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
@@ -37,11 +45,14 @@ def train_local(
     lr: float,
     seed: int,
     proximal_mu: float = 0.0,
+    chip: ChipConfig | None = None,
 ) -> TrainResult:
     """Train `model` in place for `epochs` over `data` (shuffled by `seed`).
 
     With `proximal_mu > 0` the FedProx term mu/2 * ||w - w_global||^2 is added to the loss, w_global
-    being the weights the model had on entry (the global model it was sent).
+    being the weights the model had on entry (the global model it was sent). With a `chip`, every
+    step is counted from its own tensors and costed on that neuromorphic chip (`shared.neurocore`;
+    no extra forward or backward pass).
     """
     x_all, y_all = data.tensors
     n = len(y_all)
@@ -53,25 +64,42 @@ def train_local(
     model.train()
     start = time.perf_counter()
     loss_sum, correct = 0.0, 0
-    for _ in range(epochs):
-        loss_sum, correct = 0.0, 0
-        order = torch.randperm(n, generator=generator)
-        for first in range(0, n, batch_size):
-            idx = order[first : first + batch_size]
-            if len(idx) == 1 and n > 1:
-                continue  # BatchNorm cannot normalise a batch of one
-            x, y = x_all[idx], y_all[idx]
-            if x.dim() == 5:  # [B, T, C, H, W] event samples -> [T, B, C, H, W]
-                x = x.transpose(0, 1)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            if anchor is not None:
-                params = zip(model.parameters(), anchor, strict=True)
-                prox = sum((p - a).square().sum() for p, a in params)
-                loss = loss + proximal_mu / 2 * prox
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-    return TrainResult(loss_sum / n, correct / n, n, time.perf_counter() - start)
+    accountant = Accountant(chip, model) if chip is not None else None
+    with accountant or nullcontext():
+        for _ in range(epochs):
+            loss_sum, correct = 0.0, 0
+            order = torch.randperm(n, generator=generator)
+            for first in range(0, n, batch_size):
+                idx = order[first : first + batch_size]
+                if len(idx) == 1 and n > 1:
+                    continue  # BatchNorm cannot normalise a batch of one
+                x, y = x_all[idx], y_all[idx]
+                if x.dim() == 5:  # [B, T, C, H, W] event samples -> [T, B, C, H, W]
+                    x = x.transpose(0, 1)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                if anchor is not None:
+                    params = zip(model.parameters(), anchor, strict=True)
+                    prox = sum((p - a).square().sum() for p, a in params)
+                    loss = loss + proximal_mu / 2 * prox
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if accountant is not None:
+                    accountant.step()
+                loss_sum += loss.item() * len(idx)
+                correct += int((logits.argmax(1) == y).sum())
+    seconds = time.perf_counter() - start
+    if accountant is None:
+        return TrainResult(loss_sum / n, correct / n, n, seconds)
+    total = accountant.total
+    return TrainResult(
+        loss_sum / n,
+        correct / n,
+        n,
+        seconds,
+        energy_j=total.energy_j,
+        cycles=total.cycles,
+        dram_bytes=total.dram_bytes,
+        spike_density=total.spike_density,
+    )

@@ -3,12 +3,15 @@
     runs/<name>/checkpoints/round-NNN.safetensors (+ .json)   global model after round NNN
     runs/<name>/metrics.jsonl                                 one JSON object per finished round
     runs/<name>/summary.json                                  rounds, accuracy, history, config
+    runs/<name>/neurocore/                                    chip report of the final model
 
 `Federation.run(grid)` drives the configured Flower strategy (`server.strategy`). After each round
 it evaluates the global model on the test split, writes the checkpoint atomically, appends the
 round to metrics.jsonl and tells the observer. With `resume=True` it continues after the newest
 checkpoint whose hash verifies (a corrupt newest one is skipped with a message) and keeps
-metrics.jsonl to the rounds before it, so no finished round is lost or repeated.
+metrics.jsonl to the rounds before it, so no finished round is lost or repeated. At the end it
+profiles one training step of the final global model (a test batch of `batch-size`) on the
+configured chip (`shared.neurocore`) and writes that report to `neurocore/`.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class Federation:
         self.history: list[dict[str, Any]] = []
         self.round_offset = 0
         self.last_checkpoint: Path | None = None
+        self.chip_summary: dict[str, Any] | None = None  # the final chip report's totals
         if resume:
             self._resume()
         elif find_checkpoints(self.checkpoint_dir):
@@ -144,7 +148,38 @@ class Federation:
                 evaluate_config=ConfigRecord(config.to_flwr()),
                 evaluate_fn=self._evaluate_round,
             )
+        self.chip_summary = self._write_chip_report()
         return self._write_summary(initial, time.perf_counter() - started)
+
+    def _write_chip_report(self) -> dict[str, Any] | None:
+        """The chip report of the last round: one training step of the final global model on the
+        first `batch-size` test samples, written to `<out>/neurocore/` (JSON, CSV, plots)."""
+        config = self.config
+        if config.chip == "none" or not self.history:
+            return None
+        from shared.neurocore import ChipConfig, NeuroCore
+
+        x, y = self.test_set.tensors
+        x, y = x[: config.batch_size], y[: config.batch_size]
+        if x.dim() == 5:  # [B, T, C, H, W] event samples -> [T, B, C, H, W]
+            x = x.transpose(0, 1)
+        chip = NeuroCore(ChipConfig.preset(config.chip, optimizer=config.optimizer))
+        out = self.out_dir / "neurocore"
+        round_ = self.history[-1]["round"]
+        report = chip.write_report(
+            self.model, x, y, out, model_name=config.model,
+            extra={"round": round_, "chip_preset": config.chip, "batch": "first test samples"},
+        )
+        return {
+            "round": round_,
+            "chip": config.chip,
+            "energy_j": report.energy_j,
+            "cycles": report.cycles,
+            "dram_bytes": report.dram_bytes,
+            "gpu_dram_bytes": report.gpu_dram_bytes,
+            "dram_reduction": report.dram_reduction,
+            "report": str(out / "report.json"),
+        }
 
     def _evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -174,6 +209,8 @@ class Federation:
             "bytes_up": stats.bytes_up,
             "bytes_down": stats.bytes_down,
             "energy_j": stats.energy_j,
+            "cycles": stats.cycles,
+            "dram_bytes": stats.dram_bytes,
             "duration_s": time.perf_counter() - stats.started,
             "train_loss": stats.train_loss,
             "train_accuracy": stats.train_accuracy,
@@ -199,6 +236,7 @@ class Federation:
             "duration_s": seconds,
             "model": self.spec,
             "history": self.history,
+            "neurocore": self.chip_summary,
             "config": self.config.to_flwr(),
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -3,7 +3,8 @@
 `make_strategy(config, recorder)` picks FedAvg, FedProx, FedAdam, FedMedian, FedTrimmedAvg or Krum
 from `flwr.serverapp.strategy` and subclasses it with `RoundRecorder`, which calls `super()` in the
 train hooks and only adds bookkeeping: the global round number (continuing after a resume), the
-replies received, bytes sent and received, and the clients' summed chip energy and spike density.
+replies received, bytes sent and received, the clients' summed chip energy, cycles and DRAM bytes,
+and their spike density.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class RoundStats:
     failed: int = 0  # error replies (client exceptions, lost nodes)
     bytes_down: int = 0
     bytes_up: int = 0
-    energy_j: float = 0.0
+    energy_j: float = 0.0  # summed over the clients' chip-accounted training steps
+    cycles: int = 0
+    dram_bytes: int = 0
     train_loss: float | None = None
     train_accuracy: float | None = None
     spike_density: float | None = None
@@ -85,6 +88,8 @@ class RoundRecorder:
             stats.bytes_up += sum(record_bytes(r) for r in msg.content.array_records.values())
             for metrics in msg.content.metric_records.values():
                 stats.energy_j += float(metrics.get("energy-j", 0.0))
+                stats.cycles += int(metrics.get("cycles", 0))
+                stats.dram_bytes += int(metrics.get("dram-bytes", 0))
         arrays, metrics = super().aggregate_train(global_round, replies)  # type: ignore[misc]
         if metrics is not None:
             stats.train_loss = _maybe_float(metrics.get("loss"))

@@ -12,6 +12,7 @@ from client.app import app, node_data
 from client.train import train_local
 from shared.config import RunConfig, build_from_spec
 from shared.data import load_dataset
+from shared.neurocore import ChipConfig
 from shared.snn import federated_state
 
 CONFIG = RunConfig.parse({"dataset": "digits", "time-steps": 2, "local-epochs": 1,
@@ -44,8 +45,10 @@ def test_train_reply_has_arrays_and_metrics():
     reply = app(instruction("train", model), context({"partition-id": 1, "num-partitions": 3}))
     assert not reply.has_error()
     metrics = reply.content["metrics"]
-    assert set(metrics) >= {"loss", "accuracy", "num-examples", "spike-density"}
+    assert set(metrics) >= {"loss", "accuracy", "num-examples", "spike-density", "energy-j",
+                            "cycles", "dram-bytes"}
     assert 0 < metrics["spike-density"] < 1 and 0 <= metrics["accuracy"] <= 1
+    assert metrics["energy-j"] > 0 and metrics["cycles"] > 0 and metrics["dram-bytes"] > 0
     expected = len(node_data(CONFIG, {"partition-id": 1, "num-partitions": 3}, "train"))
     assert metrics["num-examples"] == expected
     trained = reply.content["arrays"].to_torch_state_dict()
@@ -91,3 +94,24 @@ def test_local_training_learns():
     first = train_local(model, data, epochs=1, batch_size=32, optimizer="adam", lr=0.005, seed=0)
     later = train_local(model, data, epochs=2, batch_size=32, optimizer="adam", lr=0.005, seed=1)
     assert later.loss < first.loss and later.accuracy > 0.8
+
+
+def test_chip_accounts_every_local_step_and_can_be_switched_off():
+    data = load_dataset("digits", "train")
+    chip = ChipConfig.preset("edge-int8")
+    runs = []
+    for epochs in (1, 2):
+        model = fresh_model()
+        runs.append(train_local(model, data, epochs=epochs, batch_size=64, optimizer="sgd",
+                                lr=0.05, seed=0, chip=chip))
+    one, two = runs
+    assert one.energy_j > 0 and one.cycles > 0 and one.dram_bytes > 0
+    assert 0 < one.spike_density < 1
+    assert two.energy_j > 1.5 * one.energy_j and two.cycles > 1.5 * one.cycles  # twice the steps
+    assert train_local(fresh_model(), data, epochs=1, batch_size=64, optimizer="sgd", lr=0.05,
+                       seed=0).spike_density is None
+    off = CONFIG.replace(chip="none")
+    reply = app(instruction("train", fresh_model(off), off),
+                context({"partition-id": 0, "num-partitions": 3}))
+    metrics = reply.content["metrics"]
+    assert "energy-j" not in metrics and 0 < metrics["spike-density"] < 1

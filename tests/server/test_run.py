@@ -12,7 +12,7 @@ import pytest
 from shared.checkpoint import find_checkpoints, load_checkpoint
 
 HISTORY_KEYS = {"round", "accuracy", "loss", "clients", "bytes_up", "bytes_down", "energy_j",
-                "duration_s"}
+                "cycles", "dram_bytes", "duration_s"}
 
 
 def spikefed_run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -59,6 +59,12 @@ def test_three_clients_two_rounds_writes_run_directory(tmp_path):
     for entry in summary["history"]:
         assert HISTORY_KEYS <= entry.keys()
         assert entry["clients"] == 3 and entry["bytes_up"] > 0 and entry["bytes_down"] > 0
+        assert entry["energy_j"] > 0 and entry["cycles"] > 0 and entry["dram_bytes"] > 0
+    chip = json.loads((out / "neurocore" / "report.json").read_text())
+    assert chip["round"] == 2 and chip["rows"] and chip["energy_j"] > 0
+    assert summary["neurocore"]["dram_reduction"] == chip["dram_reduction"]
+    assert (out / "neurocore" / "rows.csv").is_file()
+    assert (out / "neurocore" / "energy_by_phase.png").is_file()
     checkpoints = find_checkpoints(out / "checkpoints")
     assert [p.name for p in checkpoints] == ["round-001.safetensors", "round-002.safetensors"]
     _, meta = load_checkpoint(checkpoints[-1])

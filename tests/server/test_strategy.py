@@ -53,3 +53,16 @@ def test_strategies_aggregate_and_robust_ones_resist_an_outlier(name, robust):
     assert stats.bytes_up == 5 * serialized
     assert stats.energy_j == pytest.approx(1.25)
     assert stats.spike_density == pytest.approx(0.1)
+
+
+def test_recorder_sums_the_clients_chip_cycles_and_dram_bytes():
+    strategy = make_strategy(RunConfig.parse({"min-clients": 3}))
+    messages = replies([1.0, 2.0, 3.0])
+    for i, msg in enumerate(messages):
+        metrics = msg.content["metrics"]
+        metrics["cycles"] = 1_000_000 * (i + 1)
+        metrics["dram-bytes"] = 2**33 + i  # beyond 32 bits
+    strategy.aggregate_train(1, messages)
+    stats = strategy.rounds[1]
+    assert stats.cycles == 6_000_000 and stats.dram_bytes == 3 * 2**33 + 3
+    assert stats.energy_j == pytest.approx(0.75)
