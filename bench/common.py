@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Callable
 
@@ -68,3 +69,10 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+
+
+def warn_if_busy(others: list[float], threshold: float = 0.2) -> None:
+    """Warn when other processes kept more than `threshold` cores busy during the timed runs."""
+    if others and statistics.median(others) > threshold:
+        print(f"warning: other processes kept {statistics.median(others):.2f} cores busy; "
+              "rerun on a quiet machine")

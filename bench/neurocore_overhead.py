@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import alternate, print_table  # noqa: E402
+from bench.common import alternate, print_table, warn_if_busy  # noqa: E402
 from shared.config import RunConfig, build_from_spec  # noqa: E402
 from shared.data import load_dataset  # noqa: E402
 from shared.neurocore import ChipConfig, NeuroCore  # noqa: E402
@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{cost.energy_j * 1e3:.3f} mJ, {cost.cycles:,} cycles, {cost.dram_bytes / 1e6:.2f} MB")
     print(f"accounting overhead ratio {ratio:.3f} (median of per-round ratios {per_round:.3f}); "
           f"target <= {TARGET}: {'met' if ratio <= TARGET else 'NOT met'}")
-    if others and statistics.median(others) > 0.2:
-        print(f"warning: other processes kept {statistics.median(others):.2f} cores busy; "
-              "rerun on a quiet machine")
+    warn_if_busy(others)
     return 0
 
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import alternate, print_table  # noqa: E402
+from bench.common import alternate, print_table, warn_if_busy  # noqa: E402
 from shared.quant import quantize, to_integer  # noqa: E402
 from shared.snn import build_model  # noqa: E402
 
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table("inference, batch 256 (median over rounds)", ["path", "images/s", "vs float"],
                 [[k, f"{statistics.median(v) * len(images):.0f}",
                   f"{statistics.median(v) * len(images) / base:.2f}x"] for k, v in rates.items()])
-    if others and statistics.median(others) > 0.2:
-        print(f"warning: other processes kept {statistics.median(others):.2f} cores busy; "
-              "rerun on a quiet machine")
+    warn_if_busy(others)
     return 0
 
 
