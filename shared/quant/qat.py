@@ -206,7 +206,7 @@ def _quantized_child(module: nn.Module, bits: int) -> nn.Module:
     elif isinstance(module, LIF) and not isinstance(module, QLIF):
         return QLIF.from_neuron(module)
     else:
-        return copy.deepcopy(module)
+        return module  # already a private copy
     q.load_state_dict(module.state_dict())
     q.bits = bits
     return q
@@ -279,11 +279,10 @@ def quantize(model: SpikingNet, bits: int = 4) -> SpikingNet:
         raise QuantError(f"quantize supports {known} models, got {base.__name__}")
     cls = _QUANT_CLASSES.setdefault(base, type(f"Quantized{base.__name__}", (QuantizedMixin, base),
                                                 {}))
-    q = copy.copy(model)  # shallow: the children are replaced below
-    q.__dict__ = {**model.__dict__, "_modules": {}}
+    q = copy.deepcopy(model)  # nothing (hooks, buffers, state) is shared with the input model
     q.__class__ = cls
-    for name, child in model.named_children():
-        q.add_module(name, _quantized_child(child, bits))
+    for name, child in list(q.named_children()):
+        setattr(q, name, _quantized_child(child, bits))
     q.bits = bits
     q.stages = STAGES[base]
     q.train(model.training)
