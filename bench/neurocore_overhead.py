@@ -30,6 +30,7 @@ from shared.config import RunConfig, build_from_spec  # noqa: E402
 from shared.data import load_dataset  # noqa: E402
 from shared.neurocore import ChipConfig, NeuroCore  # noqa: E402
 from shared.neurocore.cost import StepPlan  # noqa: E402
+from shared.snn import model_layout  # noqa: E402
 
 TARGET = 1.15
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(8):
         idx = torch.randint(0, len(y_all), (config.batch_size,), generator=gen)
         x = x_all[idx]
-        batches.append((x.transpose(0, 1) if x.dim() == 5 else x, y_all[idx]))
+        batches.append((model_layout(x), y_all[idx]))
 
     def trainer(model: torch.nn.Module, accountant=None):
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)

@@ -17,7 +17,7 @@ from shared.config import RunConfig, build_from_spec
 from shared.data import load_dataset, partition_indices
 from shared.evaluate import evaluate_model
 from shared.neurocore import ChipConfig
-from shared.snn import federated_state, load_federated_state, spike_density
+from shared.snn import federated_state, load_federated_state, model_layout, spike_density
 
 app = ClientApp()
 
@@ -84,7 +84,7 @@ def train(msg: Message, context: Context) -> Message:
     if density is None:  # no chip accounting: measure the trained model instead
         model.eval()
         x = data.tensors[0][:DENSITY_SAMPLES]
-        density = spike_density(model, x.transpose(0, 1) if x.dim() == 5 else x)
+        density = spike_density(model, model_layout(x))
     values = {
         "loss": result.loss,
         "accuracy": result.accuracy,

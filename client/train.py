@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from shared.neurocore import Accountant, ChipConfig
+from shared.snn import model_layout
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,7 @@ def train_local(
                 idx = order[first : first + batch_size]
                 if len(idx) == 1 and n > 1:
                     continue  # BatchNorm cannot normalise a batch of one
-                x, y = x_all[idx], y_all[idx]
-                if x.dim() == 5:  # [B, T, C, H, W] event samples -> [T, B, C, H, W]
-                    x = x.transpose(0, 1)
+                x, y = model_layout(x_all[idx]), y_all[idx]
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
                 if anchor is not None:

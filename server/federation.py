@@ -32,7 +32,7 @@ from shared.checkpoint import CheckpointError, find_checkpoints, load_checkpoint
 from shared.config import RunConfig, build_from_spec
 from shared.data import load_dataset
 from shared.evaluate import evaluate_model
-from shared.snn import federated_state, load_federated_state
+from shared.snn import federated_state, load_federated_state, model_layout
 
 log = logging.getLogger("spikefed")
 
@@ -160,9 +160,7 @@ class Federation:
         from shared.neurocore import ChipConfig, NeuroCore
 
         x, y = self.test_set.tensors
-        x, y = x[: config.batch_size], y[: config.batch_size]
-        if x.dim() == 5:  # [B, T, C, H, W] event samples -> [T, B, C, H, W]
-            x = x.transpose(0, 1)
+        x, y = model_layout(x[: config.batch_size]), y[: config.batch_size]
         chip = NeuroCore(ChipConfig.preset(config.chip, optimizer=config.optimizer))
         out = self.out_dir / "neurocore"
         round_ = self.history[-1]["round"]

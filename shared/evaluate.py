@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from shared.snn import model_layout
+
 
 def _tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(dataset, TensorDataset):
@@ -35,9 +37,8 @@ def evaluate_model(
     loss_sum, correct = 0.0, 0
     try:
         for start in range(0, len(y_all), batch_size):
-            x, y = x_all[start : start + batch_size], y_all[start : start + batch_size]
-            if x.dim() == 5:  # [B, T, C, H, W] event samples -> [T, B, C, H, W]
-                x = x.transpose(0, 1)
+            x = model_layout(x_all[start : start + batch_size])
+            y = y_all[start : start + batch_size]
             logits = model(x)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())

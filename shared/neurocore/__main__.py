@@ -101,7 +101,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from shared.config import build_from_spec
     from shared.data import dataset_info, load_dataset
     from shared.neurocore import NeuroCore, dense_workload_tflops_per_w
-    from shared.snn import MODELS, SURROGATES, load_federated_state
+    from shared.snn import MODELS, SURROGATES, load_federated_state, model_layout
 
     if args.batch_size < 1:
         raise _UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -135,9 +135,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.checkpoint is not None:
         load_federated_state(model, tensors)
     x, y = load_dataset(dataset, args.split).tensors
-    x, y = x[: args.batch_size], y[: args.batch_size]
-    if x.dim() == 5:  # [B, T, C, H, W] event samples -> [T, B, C, H, W]
-        x = x.transpose(0, 1)
+    x, y = model_layout(x[: args.batch_size]), y[: args.batch_size]
     chip = NeuroCore(config)
     dense = dense_workload_tflops_per_w(config.replace(precision="fp16"))
     calibration = {

@@ -11,6 +11,7 @@ from .models import (
     build_model,
     federated_state,
     load_federated_state,
+    model_layout,
     over_time,
 )
 from .neuron import IF, LIF, multistep_reference, spike_density, spiking_neurons
@@ -27,6 +28,7 @@ __all__ = [
     "federated_state",
     "get_surrogate",
     "load_federated_state",
+    "model_layout",
     "multistep_reference",
     "over_time",
     "spike_density",

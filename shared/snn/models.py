@@ -23,6 +23,12 @@ from .neuron import IF, LIF
 from .surrogate import SpikeFn
 
 
+def model_layout(batch: Tensor) -> Tensor:
+    """A batch of dataset samples in the models' input layout: images `[B, C, H, W]` pass
+    through, event samples `[B, T, C, H, W]` become `[T, B, C, H, W]` (a view)."""
+    return batch.transpose(0, 1) if batch.dim() == 5 else batch
+
+
 def over_time(layer: Callable[[Tensor], Tensor], x_seq: Tensor) -> Tensor:
     """Apply a stateless layer to every step of `[T, B, ...]` as one batch of T*B."""
     return layer(x_seq.flatten(0, 1)).unflatten(0, x_seq.shape[:2])
