@@ -1,7 +1,9 @@
 """The Flower ServerApp (`server.app:app`): validates the run config and runs the federation.
 
 Under `flwr run` / `spikefed-server` the run config is pyproject.toml's `[tool.flwr.app.config]`
-merged with the submitted overrides; `spikefed-run` builds the same federation in-process.
+merged with the submitted overrides; `spikefed-run` builds the same federation in-process. The
+ServerApp serves the run's Prometheus metrics (`server.metrics`) on `metrics-host:metrics-port`
+while the run lasts, and writes the run's plots and report.md at its end.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.federation import Federation
+from server.metrics import start_exporter
+from server.report import write_report
 from shared.config import RunConfig
 
 app = ServerApp()
@@ -18,4 +22,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = RunConfig.parse(context.run_config)
-    Federation(config).run(grid)
+    federation = Federation(config)
+    exporter = start_exporter(config)  # the run's /metrics endpoint (metrics-port 0: none)
+    federation.observer = exporter
+    try:
+        summary = federation.run(grid)
+    finally:
+        if exporter is not None:
+            exporter.stop()
+    write_report(summary, federation.out_dir)
