@@ -4,7 +4,8 @@ The monitor only scrapes the exporter (`server.metrics`), like Prometheus would:
 text exposition with prometheus-client's parser into a `Snapshot`, keeps the accuracy and loss of
 every round it has seen (for the sparklines), and redraws a rich dashboard every `--interval`
 seconds. `--once` prints one snapshot and exits. A URL that cannot be read at start is a one-line
-error (exit code 2); a run that ends while watched shows as unreachable until Ctrl-C.
+error (exit code 2); a run that ends while watched shows as unreachable until Ctrl-C. The monitor
+imports neither torch nor flwr, so it starts fast on any machine that can reach the endpoint.
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from server.cli import UserError, user_errors
-
 SPARK = "▁▂▃▄▅▆▇█"
+EXIT_USAGE = 2
 console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
 cli = typer.Typer(add_completion=False, rich_markup_mode="rich")
+
+
+class MonitorError(Exception):
+    """The endpoint cannot be read or is not spikefed's: one line, exit code 2."""
 
 
 @dataclass
@@ -95,20 +100,20 @@ def parse_metrics(text: str) -> Snapshot:
 
 
 def scrape(url: str, timeout: float = 5.0) -> Snapshot:
-    """Fetch and parse `url`; a `UserError` (one line) when it cannot be read or parsed."""
+    """Fetch and parse `url`; a `MonitorError` (one line) when it cannot be read or parsed."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             text = response.read().decode("utf-8", errors="replace")
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", None) or err
-        raise UserError(
+        raise MonitorError(
             f"cannot read metrics from {url}: {reason} (is the run up, and is this its "
             "metrics URL? spikefed-run prints it at start)"
         ) from None
     try:
         return parse_metrics(text)
     except ValueError as err:
-        raise UserError(f"{url} is not a spikefed metrics endpoint: {err}") from None
+        raise MonitorError(f"{url} is not a spikefed metrics endpoint: {err}") from None
 
 
 def sparkline(values: list[float]) -> str:
@@ -194,7 +199,6 @@ def render(snap: Snapshot, history: History, url: str, status: str = "") -> Pane
     "  spikefed-monitor --url http://10.0.0.5:9464/metrics --interval 5\n\n"
     "  spikefed-monitor --once"
 )
-@user_errors
 def main(
     url: Annotated[
         str, typer.Option(help="The run's metrics endpoint (spikefed-run prints it).")
@@ -204,7 +208,11 @@ def main(
 ) -> None:
     """Watch a running federation: round, accuracy and loss, clients, updates, bytes, energy."""
     history = History()
-    snap = scrape(url)
+    try:
+        snap = scrape(url)
+    except MonitorError as err:
+        err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+        raise typer.Exit(EXIT_USAGE) from None
     history.add(snap)
     if once:
         console.print(render(snap, history, url))
@@ -216,7 +224,7 @@ def main(
                 try:
                     snap, status = scrape(url), ""
                     history.add(snap)
-                except UserError as err:
+                except MonitorError as err:
                     status = f"{time.strftime('%H:%M:%S')} {err}"
                 live.update(render(snap, history, url, status), refresh=True)
         except KeyboardInterrupt:

@@ -73,6 +73,13 @@ def write_plots(summary: dict[str, Any], out_dir: str | Path) -> list[Path]:
 
 
 def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Integer round ticks, y axes from 0 (except loss), then write and close the figure."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if "loss" not in ax.get_ylabel():
+            ax.set_ylim(bottom=0)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
