@@ -12,7 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.federation import Federation
-from server.metrics import start_exporter
+from server.metrics import DEFAULT_PORT, start_exporter
 from server.report import write_report
 from shared.config import RunConfig
 
@@ -23,7 +23,9 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     config = RunConfig.parse(context.run_config)
     federation = Federation(config)
-    exporter = start_exporter(config)  # the run's /metrics endpoint (metrics-port 0: none)
+    # the run's /metrics endpoint (metrics-port 0: none); on the default port, when another run
+    # already holds it, a free port (logged) instead of a failed run
+    exporter = start_exporter(config, any_port_if_busy=config.metrics_port == DEFAULT_PORT)
     federation.observer = exporter
     try:
         summary = federation.run(grid)

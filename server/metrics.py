@@ -53,6 +53,7 @@ DIRECTIONS = ("up", "down")
 # validation reasons known at start (server update validation); others are added on first use
 KNOWN_REASONS = ("non-finite", "shape", "range", "norm", "decode", "other")
 MAX_REASONS = 16
+DEFAULT_PORT: int = RunConfig.model_fields["metrics_port"].default
 ROUND_SECONDS_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 
 
@@ -200,12 +201,15 @@ class MetricsExporter:
         except OSError as err:
             busy = err.errno == errno.EADDRINUSE
             if busy and any_port_if_busy:
+                log.warning("metrics port %s:%d is in use; serving on a free port", host, port)
                 return self.start(host, 0)
-            what = "is already in use" if busy else f"cannot be opened ({err.strerror or err})"
-            raise RunError(
-                f"metrics endpoint {host}:{port} {what}; choose another port with "
-                "--metrics-port / metrics-port=PORT, or 0 to turn the endpoint off"
-            ) from None
+            if busy:
+                fix = ("is already in use; choose another port with --metrics-port / "
+                       "metrics-port=PORT, or 0 to turn the endpoint off")
+            else:
+                fix = (f"cannot be opened ({err.strerror or err}); set metrics-host to an address "
+                       "of this machine (127.0.0.1, or 0.0.0.0 for all)")
+            raise RunError(f"metrics endpoint {host}:{port} {fix}") from None
         bound_port = self._server.server_address[1]
         shown = host if ":" not in host else f"[{host}]"
         if host in ("0.0.0.0", "::"):

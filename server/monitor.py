@@ -181,7 +181,7 @@ def render(snap: Snapshot, history: History, url: str, status: str = "") -> Pane
         _num(snap.bytes.get("down"), ".2f", 1e-6),
         _num(snap.energy_j, ".4g"),
         _num(snap.dram_bytes, ".2f", 1e-6),
-        _num(snap.cycles, ".4g"),
+        _num(snap.cycles, ",.0f"),
     )
     parts = [head, quality, updates]
     if reasons:

@@ -21,7 +21,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.cli import RunError
-from server.metrics import KNOWN_REASONS, MAX_REASONS, MetricsExporter
+from server.metrics import KNOWN_REASONS, MAX_REASONS, MetricsExporter, start_exporter
 from server.monitor import History, Snapshot, parse_metrics, sparkline
 from server.strategy import RoundStats
 from shared.config import RunConfig
@@ -366,3 +366,18 @@ def test_live_run_is_read_by_prometheus_and_the_monitor(tmp_path):
     finally:
         for proc in reversed(procs):
             stop(proc)
+
+
+def test_start_exporter_follows_the_run_config():
+    assert start_exporter(RunConfig.parse({"metrics-port": 0})) is None  # off
+    exporter = start_exporter(RunConfig.parse({"metrics-port": free_port()}))
+    assert exporter is not None
+    try:
+        assert b"spikefed_build_info" in urllib.request.urlopen(exporter.url).read()
+        busy = RunConfig.parse({"metrics-port": urllib.parse.urlsplit(exporter.url).port})
+        with pytest.raises(RunError, match="already in use"):
+            start_exporter(busy)
+    finally:
+        exporter.stop()
+    with pytest.raises(RunError, match="cannot be opened"):  # an address not on this machine
+        start_exporter(RunConfig.parse({"metrics-host": "192.0.2.1"}))
