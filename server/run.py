@@ -143,13 +143,13 @@ def simulate(
 def main(
     clients: Annotated[int, typer.Option(min=1, help="Simulated edge clients.")] = 5,
     rounds: Annotated[
-        int | None, typer.Option(min=1, help="Federated rounds [default: num-server-rounds]")
+        int | None, typer.Option(min=1, help="Federated rounds \\[default: num-server-rounds]")
     ] = None,
     run_config: Annotated[
         str, typer.Option("--run-config", help='Overrides, e.g. "time-steps=2 lr=0.001".')
     ] = "",
     out: Annotated[
-        Path | None, typer.Option(help="Run directory [default: runs/<date>-<time>].")
+        Path | None, typer.Option(help="Run directory \\[default: runs/<date>-<time>].")
     ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out after its last good checkpoint.")
@@ -162,8 +162,8 @@ def main(
         int | None,
         typer.Option(
             min=0, max=65535,
-            help="Prometheus /metrics port; 0 turns it off [default: metrics-port, 9464, "
-            "or a free port when that one is busy]",
+            help="Prometheus /metrics port; 0 turns it off (default: run config metrics-port, "
+            "9464, or a free port when that one is busy).",
         ),
     ] = None,
     metrics_linger: Annotated[
