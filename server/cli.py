@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import functools
-import sys
 import tomllib
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from rich.console import Console
-
-from shared.checkpoint import CheckpointError
+from shared.cli import EXIT_USAGE, USER_ERRORS, UserError, err_console, user_errors
 from shared.config import ConfigError
-from shared.data import DatasetError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, CheckpointError)
+__all__ = ["EXIT_USAGE", "USER_ERRORS", "RunError", "UserError", "err_console",
+           "parse_overrides", "user_errors"]
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
     """A user error in how a run was started (output directory, resume)."""
-
-EXIT_USAGE = 2
-
-err_console = Console(stderr=True, highlight=False)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class UserError(Exception):
-    """A mistake in how a command was called: printed as one line, exit code 2."""
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
@@ -44,17 +29,3 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             values[key] = raw.strip("'\"")
     return values
-
-
-def user_errors(fn: F) -> F:
-    """Turn user errors into one line on stderr and exit code 2 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS + (UserError, RunError) as err:
-            err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
-            sys.exit(EXIT_USAGE)
-
-    return wrapper  # type: ignore[return-value]

@@ -11,12 +11,20 @@ import os
 import signal
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from server.cli import UserError, parse_overrides, user_errors
@@ -172,6 +180,9 @@ def main(
                      "that a scraper sees the last round (Ctrl-C ends it early)."),
     ] = 0.0,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+    evaluate: Annotated[
+        bool, typer.Option(help="End with `spikefed-evaluate`'s light set on the final model.")
+    ] = True,
 ) -> None:
     """Run the whole federation (server + simulated SNN edge clients) on this machine."""
     if resume and out is None:
@@ -208,6 +219,8 @@ def main(
             f"rounds in {summary['duration_s']:.0f}s; summary: {out / 'summary.json'}, "
             f"report: {report}"
         )
+        if evaluate and summary.get("checkpoint"):
+            final_evaluation(Path(summary["checkpoint"]), out / "evaluation", config)
         if exporter is not None and metrics_linger > 0:
             linger(exporter, metrics_linger)
     finally:
@@ -241,6 +254,26 @@ def _run_with_progress(
             ray_address=ray_address,
             verbose=verbose,
         )
+
+
+def final_evaluation(checkpoint: Path, out: Path, config: RunConfig) -> dict[str, Any]:
+    """`spikefed-evaluate`'s light set on the final global model: tables on the console,
+    `evaluation.json` and `report.md` (+ plots) in `out`."""
+    from shared import evaluate
+
+    light = evaluate.LIGHT
+    options = replace(light, data_dir=config.data_dir or None, seed=config.seed,
+                      chip=config.chip if config.chip != "none" else light.chip)
+    with Progress(SpinnerColumn(), TextColumn("[bold]final evaluation: {task.description}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("starting", total=None)
+        result = evaluate.evaluate_checkpoint(
+            checkpoint, options, on_stage=lambda s: progress.update(task, description=s))
+    for table in evaluate.result_tables(result):
+        console.print(table)
+    evaluate.write_json(result, out / "evaluation.json")
+    console.print(f"evaluation: {evaluate.write_report(result, out / 'report.md')}")
+    return result
 
 
 def linger(exporter: MetricsExporter, seconds: float) -> None:
