@@ -24,6 +24,9 @@ from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
@@ -139,6 +142,14 @@ def parse_eps(text: str) -> tuple[float, ...]:
     if not values:
         raise EvaluateError("--eps needs at least one value, e.g. 8/255,16/255")
     return tuple(values)
+
+
+def check_chip(preset: str) -> str:
+    from shared.neurocore import PRESETS
+
+    if preset not in PRESETS:
+        raise EvaluateError(f"unknown chip preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return preset
 
 
 def parse_attacks(text: str) -> tuple[str, ...]:
@@ -391,10 +402,8 @@ def _sparse_row(gm: GlobalModel, view: AttackView, name: str, xc: torch.Tensor,
 def chip_figures(gm: GlobalModel, test: TensorDataset, preset: str, batch: int) -> dict[str, Any]:
     """Training-step and inference (the step's FP phase) figures on a chip preset, from one
     profiled step on the first `batch` test samples. Estimates of a modelled chip."""
-    from shared.neurocore import PRESETS, ChipConfig, NeuroCore
+    from shared.neurocore import ChipConfig, NeuroCore
 
-    if preset not in PRESETS:
-        raise EvaluateError(f"unknown chip preset {preset!r}; choose one of {', '.join(PRESETS)}")
     x, y = _tensors(test)
     x, y = model_layout(x[:batch]), y[:batch]
     chip = NeuroCore(ChipConfig.preset(preset))
@@ -685,75 +694,62 @@ def _markdown(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # the command
 
+cli = typer.Typer(add_completion=False, rich_markup_mode="rich")
 
-def _cli():  # built lazily so importing shared.evaluate does not import typer
-    import typer
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    app = typer.Typer(add_completion=False, rich_markup_mode="rich")
-    console = Console(highlight=False)
-
-    @app.command(
-        epilog="Examples:\n\n"
-        "  spikefed-evaluate runs/quick\n\n"
-        "  spikefed-evaluate runs/quick/checkpoints/round-002.safetensors --json eval.json "
-        "--report eval/report.md\n\n"
-        "  spikefed-evaluate model.safetensors --time-steps 1,2,4 --attacks pgd-pdsg,pgd-atan "
-        "--eps 4/255,8/255 --samples 500"
+@cli.command(
+    epilog="Examples:\n\n"
+    "  spikefed-evaluate runs/quick\n\n"
+    "  spikefed-evaluate runs/quick/checkpoints/round-002.safetensors --json eval.json "
+    "--report eval/report.md\n\n"
+    "  spikefed-evaluate model.safetensors --time-steps 1,2,4 --attacks pgd-pdsg,pgd-atan "
+    "--eps 4/255,8/255 --samples 500"
+)
+@user_errors
+def main(
+    checkpoint: Annotated[Path, typer.Argument(
+        help="A checkpoint (.safetensors with its .json) or a run directory (newest round).")],
+    dataset: Annotated[str | None, typer.Option(
+        help="Evaluate on this dataset [default: the checkpoint's].")] = None,
+    data_dir: Annotated[str | None, typer.Option(
+        help="Directory of a local dataset (mnist, cifar10).")] = None,
+    time_steps: Annotated[str, typer.Option(help="T values of the sweep.")] = "1,2,4,8",
+    attacks: Annotated[str, typer.Option(
+        help="pgd-/fgsm-<estimator> (pdsg or a surrogate), sda, topk.")] =
+        ",".join(DEFAULT_ATTACKS),
+    eps: Annotated[str, typer.Option(help="L-inf radii, e.g. 8/255,16/255.")] = "8/255,16/255",
+    samples: Annotated[int, typer.Option(min=1, help="Test inputs per attack.")] = 200,
+    exact_samples: Annotated[int, typer.Option(
+        min=1, help="Inputs the integer engine is compared on.")] = 1000,
+    chip: Annotated[str, typer.Option(help="Chip preset of the energy model.")] = "edge-int8",
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write the results.")] = None,
+    report: Annotated[Path | None, typer.Option(
+        help="Write a Markdown report (plots go to plots/ beside it).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the attacks' random starts.")] = 0,
+) -> None:
+    """Evaluate a global model: accuracy, integer-engine exactness, accuracy over T (or the
+    dual-phase conversion of a QC-ANN), attacks with PDSG and fixed surrogates, chip energy."""
+    options = EvalOptions(
+        dataset=dataset, data_dir=data_dir, time_steps=parse_time_steps(time_steps),
+        attacks=parse_attacks(attacks), eps=parse_eps(eps), samples=samples,
+        exact_samples=exact_samples, chip=check_chip(chip), seed=seed,
     )
-    @user_errors
-    def main(
-        checkpoint: Annotated[Path, typer.Argument(
-            help="A checkpoint (.safetensors with its .json) or a run directory (newest round).")],
-        dataset: Annotated[str | None, typer.Option(
-            help="Evaluate on this dataset [default: the checkpoint's].")] = None,
-        data_dir: Annotated[str | None, typer.Option(
-            help="Directory of a local dataset (mnist, cifar10).")] = None,
-        time_steps: Annotated[str, typer.Option(help="T values of the sweep.")] = "1,2,4,8",
-        attacks: Annotated[str, typer.Option(
-            help="pgd-/fgsm-<estimator> (pdsg or a surrogate), sda, topk.")] =
-            ",".join(DEFAULT_ATTACKS),
-        eps: Annotated[str, typer.Option(help="L-inf radii, e.g. 8/255,16/255.")] =
-            "8/255,16/255",
-        samples: Annotated[int, typer.Option(min=1, help="Test inputs per attack.")] = 200,
-        exact_samples: Annotated[int, typer.Option(
-            min=1, help="Inputs the integer engine is compared on.")] = 1000,
-        chip: Annotated[str, typer.Option(help="Chip preset of the energy model.")] =
-            "edge-int8",
-        json_file: Annotated[Path | None, typer.Option("--json", help="Write the results.")] =
-            None,
-        report: Annotated[Path | None, typer.Option(
-            help="Write a Markdown report (plots go to plots/ beside it).")] = None,
-        seed: Annotated[int, typer.Option(help="Seed of the attacks' random starts.")] = 0,
-    ) -> None:
-        """Evaluate a global model: accuracy, integer-engine exactness, accuracy over T (or the
-        dual-phase conversion of a QC-ANN), attacks with PDSG and fixed surrogates, chip energy."""
-        options = EvalOptions(
-            dataset=dataset, data_dir=data_dir, time_steps=parse_time_steps(time_steps),
-            attacks=parse_attacks(attacks), eps=parse_eps(eps), samples=samples,
-            exact_samples=exact_samples, chip=chip, seed=seed,
-        )
-        result = evaluate_with_progress(checkpoint, options, console)
-        for table in result_tables(result):
-            console.print(table)
-        if json_file:
-            console.print(f"results: {write_json(result, json_file)}")
-        if report:
-            console.print(f"report: {write_report(result, report)}")
-
-    def evaluate_with_progress(checkpoint: Path, options: EvalOptions, console: Console):
-        with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:
-            task = progress.add_task("evaluating", total=None)
-            return evaluate_checkpoint(
-                checkpoint, options, on_stage=lambda s: progress.update(task, description=s))
-
-    return app
+    console = Console(highlight=False)
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("evaluating", total=None)
+        result = evaluate_checkpoint(
+            checkpoint, options, on_stage=lambda s: progress.update(task, description=s))
+    for table in result_tables(result):
+        console.print(table)
+    if json_file:
+        console.print(f"results: {write_json(result, json_file)}")
+    if report:
+        console.print(f"report: {write_report(result, report)}")
 
 
 def run_cli() -> None:
-    _cli()()
+    cli()
 
 
 if __name__ == "__main__":

@@ -45,10 +45,16 @@ def test_resume_without_checkpoint_is_one_line(tmp_path):
     assert "no valid checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One 3-client, 2-round run with the default config, shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("quick") / "run"
+    return out, spikefed_run("--clients", "3", "--rounds", "2", "--out", str(out))
+
+
 @pytest.mark.slow
-def test_three_clients_two_rounds_writes_run_directory(tmp_path):
-    out = tmp_path / "run"
-    result = spikefed_run("--clients", "3", "--rounds", "2", "--out", str(out))
+def test_three_clients_two_rounds_writes_run_directory(quick_run):
+    out, result = quick_run
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2
@@ -79,11 +85,51 @@ def test_three_clients_two_rounds_writes_run_directory(tmp_path):
     assert "](plots/accuracy_loss.png)" in (out / "report.md").read_text()
 
 
+EVALUATION_KEYS = {"accuracy", "integer", "conversion", "attacks", "neurocore"}
+
+
+@pytest.mark.slow
+def test_run_ends_with_the_final_evaluation(quick_run):
+    out, result = quick_run
+    assert result.returncode == 0, result.stdout + result.stderr
+    evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert EVALUATION_KEYS <= evaluation.keys()
+    assert evaluation["checkpoint"].endswith("round-002.safetensors")
+    summary = json.loads((out / "summary.json").read_text())
+    assert evaluation["accuracy"] == pytest.approx(summary["final_accuracy"])
+    integer = evaluation["integer"]
+    assert integer["bit_exact"] is True and integer["mismatches"] == 0
+    assert integer["samples"] >= 1000
+    assert evaluation["attacks"] and all(0 <= a["success_rate"] <= 1 for a in evaluation["attacks"])
+    assert evaluation["neurocore"]["energy_j"] > 0
+    assert (out / "evaluation" / "report.md").is_file()
+    assert "integer engine bit-exact" in result.stdout  # the table is printed
+
+
+@pytest.mark.slow
+def test_evaluate_command_on_the_run(quick_run, tmp_path):
+    out, _ = quick_run
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.evaluate", str(out), "--time-steps", "2,4",
+         "--attacks", "fgsm-pdsg,pgd-sigmoid", "--eps", "16/255", "--samples", "50",
+         "--json", str(tmp_path / "eval.json"), "--report", str(tmp_path / "report.md")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert EVALUATION_KEYS <= evaluation.keys()
+    assert [c["time_steps"] for c in evaluation["conversion"]] == [2, 4]
+    assert {a["name"] for a in evaluation["attacks"]} == {"fgsm-pdsg", "pgd-sigmoid"}
+    assert all(0 <= a["success_rate"] <= 1 for a in evaluation["attacks"])
+    for png in ("accuracy_vs_time_steps", "attack_success_vs_eps", "energy_breakdown"):
+        assert (tmp_path / "plots" / f"{png}.png").stat().st_size > 1000
+    assert "accuracy over time steps" in result.stdout
+
+
 @pytest.mark.slow
 def test_resume_continues_after_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     small = ["--clients", "2", "--out", str(out), "--run-config",
-             "dataset=digits time-steps=2 local-epochs=1"]
+             "dataset=digits time-steps=2 local-epochs=1", "--no-evaluate"]
     first = spikefed_run(*small, "--rounds", "2")
     assert first.returncode == 0, first.stdout + first.stderr
     again = spikefed_run(*small, "--rounds", "2")

@@ -1,0 +1,186 @@
+"""spikefed-evaluate: the pipeline on a small trained checkpoint, and its one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shared.checkpoint import metadata_path, save_checkpoint
+from shared.config import RunConfig, build_from_spec
+from shared.data import load_dataset
+from shared.evaluate import (
+    EvalOptions,
+    EvaluateError,
+    evaluate_checkpoint,
+    evaluate_model,
+    integer_check,
+    load_global_model,
+    parse_eps,
+    parse_time_steps,
+    write_json,
+    write_report,
+)
+from shared.snn import federated_state, model_layout
+
+SPEC_KEYS = {"accuracy", "integer", "conversion", "attacks", "neurocore"}
+
+
+def _train_checkpoint(path, *, weight_bits: int = 4, steps: int = 60):
+    """A digits csnn trained for a few dozen steps (far above chance), saved as the server does."""
+    config = RunConfig.parse({"dataset": "digits", "weight-bits": weight_bits, "time-steps": 2})
+    spec = config.model_spec()
+    torch.manual_seed(0)
+    model = build_from_spec(spec).train()
+    x, y = load_dataset("digits", "train").tensors
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for step in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        F.cross_entropy(model(model_layout(x[idx])), y[idx]).backward()
+        opt.step()
+    return save_checkpoint(path, federated_state(model), {
+        "round": 1, "model": spec, "dataset": "digits", "config": config.to_flwr()})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _train_checkpoint(tmp_path_factory.mktemp("ckpt") / "round-001.safetensors")
+
+
+def test_pipeline_reports_every_spec_key(checkpoint, tmp_path):
+    options = EvalOptions(time_steps=(1, 2, 4), attacks=("pgd-pdsg", "pgd-atan", "sda"),
+                          eps=(8 / 255, 32 / 255), samples=40, exact_samples=1000)
+    stages = []
+    result = evaluate_checkpoint(checkpoint, options, on_stage=stages.append)
+    assert SPEC_KEYS <= result.keys()
+    assert result["accuracy"] > 0.5  # trained far beyond chance (0.1)
+    integer = result["integer"]
+    assert integer["bit_exact"] is True and integer["mismatches"] == 0
+    assert integer["samples"] == 1000  # digits' 360 test images topped up from the train split
+    assert integer["accuracy"] == pytest.approx(result["accuracy"])  # bit-exact -> same argmax
+    assert [r["time_steps"] for r in result["conversion"]] == [1, 2, 4]
+    native = next(r for r in result["conversion"] if r["time_steps"] == 2)
+    assert native["snn_accuracy"] == pytest.approx(result["accuracy"])
+    names = {(r["name"], r["eps"]) for r in result["attacks"]}
+    assert names == {(n, e) for n in ("pgd-pdsg", "pgd-atan") for e in options.eps}
+    for row in result["attacks"]:
+        assert 0.0 <= row["success_rate"] <= 1.0 and row["samples"] > 0
+    big = {r["name"]: r["success_rate"] for r in result["attacks"] if r["eps"] == 32 / 255}
+    assert big["pgd-pdsg"] > 0  # a 32/255 L-inf ball fools a 4-step digits net on some inputs
+    assert [s["name"] for s in result["skipped_attacks"]] == ["sda"]  # images, not events
+    chip = result["neurocore"]
+    assert chip["energy_j"] > chip["inference_energy_j"] > 0 and chip["dram_bytes"] > 0
+    assert "integer engine" in stages and "chip model" in stages
+
+    report = write_report(result, tmp_path / "eval" / "report.md")
+    text = report.read_text()
+    for png in ("accuracy_vs_time_steps", "attack_success_vs_eps", "energy_breakdown"):
+        plot = tmp_path / "eval" / "plots" / f"{png}.png"
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{png}.png" in text
+    back = json.loads(write_json(result, tmp_path / "eval.json").read_text())
+    assert back["integer"] == integer
+
+
+def test_attacks_leave_the_model_unchanged(checkpoint):
+    gm = load_global_model(checkpoint)
+    before = {k: v.clone() for k, v in gm.model.state_dict().items()}
+    from shared.evaluate import run_attacks
+
+    test = load_dataset("digits", "test")
+    run_attacks(gm, test, EvalOptions(attacks=("fgsm-pdsg",), eps=(16 / 255,), samples=20))
+    after = gm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not gm.model.training
+
+
+def test_float_model_has_no_integer_engine(tmp_path):
+    path = _train_checkpoint(tmp_path / "round-001.safetensors", weight_bits=32, steps=5)
+    gm = load_global_model(path)
+    out = integer_check(gm, load_dataset("digits", "test"), load_dataset("digits", "train"), 100)
+    assert out["samples"] == 0 and out["bit_exact"] is None and "weight-bits=32" in out["note"]
+
+
+def test_run_directory_resolves_to_its_newest_checkpoint(checkpoint):
+    gm = load_global_model(checkpoint.parent)
+    assert gm.path == checkpoint
+    _, accuracy = evaluate_model(gm.model, load_dataset("digits", "test"))
+    assert accuracy > 0.5
+
+
+@pytest.mark.parametrize(("text", "expected"), [("8/255,16/255", (8 / 255, 16 / 255)),
+                                                ("0.1", (0.1,)), ("0", (0.0,))])
+def test_eps_parses_fractions(text, expected):
+    assert parse_eps(text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text", ["-1/255", "2", "abc", "1/0", ""])
+def test_bad_eps_is_refused(text):
+    with pytest.raises(EvaluateError):
+        parse_eps(text)
+
+
+@pytest.mark.parametrize("text", ["0", "1,x", "", "-2"])
+def test_bad_time_steps_are_refused(text):
+    with pytest.raises(EvaluateError):
+        parse_time_steps(text)
+
+
+def _evaluate_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shared.evaluate", *args], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+
+
+def _copy(checkpoint, tmp_path):
+    dst = tmp_path / "round-001.safetensors"
+    dst.write_bytes(checkpoint.read_bytes())
+    metadata_path(dst).write_text(metadata_path(checkpoint).read_text())
+    return dst
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _tamper(path):
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _unknown_model(path):
+    meta = json.loads(metadata_path(path).read_text())
+    meta["model"]["name"] = "vgg-99"
+    metadata_path(path).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [(_truncate, "corrupt"), (_tamper, "corrupt"), (_unknown_model, "unknown model 'vgg-99'"),
+     (lambda p: p.unlink(), "does not exist")],
+)
+def test_bad_checkpoint_is_one_line_exit_2(checkpoint, tmp_path, damage, needle):
+    path = _copy(checkpoint, tmp_path)
+    damage(path)
+    result = _evaluate_cli(str(path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert needle in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(["--eps", "-8/255"], "must lie in [0, 1]"), (["--attacks", "pgd-magic"], "unknown attack"),
+     (["--time-steps", "0"], ">= 1"), (["--chip", "gpu9000"], "unknown chip preset")],
+)
+def test_bad_options_are_one_line_exit_2(checkpoint, args, needle):
+    result = _evaluate_cli(str(checkpoint), "--attacks", "pgd-pdsg", *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert needle in result.stderr and "Traceback" not in result.stderr
