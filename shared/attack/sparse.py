@@ -83,7 +83,7 @@ def _check_events(x_events: Tensor, y: Tensor) -> Tensor:
         raise AttackError("x_events must be binary event frames (every entry 0 or 1)")
     if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (1,):
         raise AttackError("y must be an int64 tensor of shape [1] (the sample's class id)")
-    return x_events.detach()
+    return x_events.detach().contiguous()
 
 
 def margin(logits: Tensor, y: Tensor) -> Tensor:
@@ -189,6 +189,7 @@ def _generate(
     rejected = torch.zeros_like(flipped)  # tested at the current x without helping
     flips: list[int] = []
     effects: list[float] = []
+    n = 0
     for n in range(max_iterations + 1):
         loss, wrong, g = victim.margin_and_grad(x)
         if wrong:
@@ -214,7 +215,7 @@ def _generate(
         flipped[chosen] = True
         flips.extend(chosen.tolist())
         effects.extend(chosen_effects.tolist())
-    return x, flips, effects, max_iterations, False
+    return x, flips, effects, n, False
 
 
 def _reduce(

@@ -367,3 +367,12 @@ def test_bad_sda_input_is_a_clear_error(event_victim, x, y, needle):
 def test_margin_is_negative_exactly_when_misclassified():
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
     torch.testing.assert_close(margin(logits, torch.tensor([0, 2])), torch.tensor([1.0, -2.0]))
+
+
+def test_sda_takes_a_non_contiguous_sample(event_victim):
+    sample, label = _correct_event_samples(event_victim, 1)[0]
+    strided = torch.zeros(*sample.shape[:-1], 2 * sample.shape[-1])[..., ::2]
+    strided.copy_(sample)
+    assert not strided.is_contiguous()
+    a, b = sda(event_victim, strided, label), sda(event_victim, sample, label)
+    assert torch.equal(a.x_adv, b.x_adv) and a.flips == b.flips
