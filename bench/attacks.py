@@ -15,7 +15,7 @@ The table gives success, mean / median L0 (count and % of the 16,384 entries of 
 success within L0 budgets, and passes per sample; the ratio line is SDA's mean L0 over the
 baseline's (target <= 0.75, and SDA: 100 % success, median L0 <= 0.5 %).
 
-    python bench/attacks.py                      # ~6-10 minutes on a quiet 2-core machine
+    python bench/attacks.py                      # estimate: ~10 min on 2 quiet cores
     python bench/attacks.py --pgd-samples 100 --sda-samples 10 --epochs 1    # a quick look
 """
 
