@@ -235,8 +235,16 @@ def wait_healthy(
             with urllib.request.urlopen(url, timeout=2, context=context) as reply:
                 if reply.status == 200:
                     return
-        except (urllib.error.URLError, OSError) as err:
-            last = str(getattr(err, "reason", err))
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, ssl.SSLCertVerificationError):
+                raise UserError(
+                    f"the SuperLink's certificate does not verify for {endpoint.local} "
+                    f"({err.reason.verify_message}); spikefed-server reaches its own SuperLink "
+                    "there: make the certificates with deploy/certs/generate.sh"
+                ) from None
+            last = str(err.reason)
+        except OSError as err:
+            last = str(err)
         time.sleep(0.5)
     raise ServerFailure(
         f"the SuperLink at {url} was not healthy after {HEALTH_TIMEOUT_S:.0f} s ({last}); "
@@ -430,9 +438,9 @@ def main(
     except KeyboardInterrupt:
         err_console.print("stopping the SuperLink")
         raise typer.Exit(130) from None
-    except ServerFailure as err:
+    except (ServerFailure, UserError) as err:
         err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2 if isinstance(err, UserError) else 1) from None
     finally:
         for tree in (flwr_run, superlink):
             if tree is not None:
