@@ -62,8 +62,8 @@ class ByteCounter:
             asyncio.start_server(self._serve, "127.0.0.1", self.port)
         )
         self.ready.set()
-        with server:
-            self.loop.run_forever()
+        self.server = server  # kept open for the life of the process
+        self.loop.run_forever()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

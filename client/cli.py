@@ -250,9 +250,9 @@ def main(
     ca_cert: Annotated[
         Path | None, typer.Option(help="CA certificate that signed the server's (ca.crt).")
     ] = None,
-    insecure: Annotated[bool, typer.Option(help="Connect without TLS (lab networks only).")] = (
-        False
-    ),
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Connect without TLS (lab networks only).")
+    ] = False,
     auth_key: Annotated[
         Path | None, typer.Option(help="This node's private key, registered on the server.")
     ] = None,

@@ -358,7 +358,7 @@ def main(
         typer.Option(help="Directory with ca.crt, server.pem, server.key (generate.sh)."),
     ] = None,
     insecure: Annotated[
-        bool, typer.Option(help="Serve without TLS (plain HTTP): lab networks only.")
+        bool, typer.Option("--insecure", help="Serve without TLS (plain HTTP): lab networks only.")
     ] = False,
     auth_keys: Annotated[
         Path | None,
@@ -371,10 +371,12 @@ def main(
         int | None, typer.Option(help="Serve Prometheus metrics on this port (metrics-port).")
     ] = None,
     resume: Annotated[
-        bool, typer.Option(help="Continue the run in --out after its last good checkpoint.")
+        bool,
+        typer.Option("--resume", help="Continue the run in --out after its last good checkpoint."),
     ] = False,
     keep_alive: Annotated[
-        bool, typer.Option(help="Keep the SuperLink serving after the run (until Ctrl-C).")
+        bool,
+        typer.Option("--keep-alive", help="Keep the SuperLink serving after the run (Ctrl-C)."),
     ] = False,
 ) -> None:
     """Launch the federation server for real edge clients (Flower SuperLink + the spikefed run)."""
