@@ -8,11 +8,13 @@
 # certificate is valid for every HOST given (names or IP addresses) and always for localhost,
 # 127.0.0.1 and ::1 (spikefed-server talks to its own SuperLink over loopback); clients verify it
 # with `spikefed-client --ca-cert DIR/ca.crt`, so list every name or address the clients use to
-# reach the server. Keys are ECDSA P-256. Needs openssl. Refuses to overwrite existing files.
+# reach the server. Keys are ECDSA P-256. Uses openssl, or where it is missing (or with
+# SPIKEFED_CERTS_WITH=python) deploy/certs/keys.py run by $PYTHON (default python3) with the
+# `cryptography` package Flower installs. Refuses to overwrite existing files.
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     [[ $# -lt 1 ]] && exit 2 || exit 0
 fi
 dir=$1; shift
@@ -20,13 +22,19 @@ hosts=()
 for h in "$@" localhost 127.0.0.1 ::1; do
     [[ " ${hosts[*]} " == *" $h "* ]] || hosts+=("$h")
 done
-command -v openssl >/dev/null || { echo "error: openssl not found; install it first" >&2; exit 2; }
 if [[ -e "$dir/server.pem" || -e "$dir/ca.crt" ]]; then
     echo "error: $dir already holds certificates; remove them or choose another DIR" >&2
     exit 2
 fi
 mkdir -p "$dir"
 umask 077
+here=$(cd "$(dirname "$0")" && pwd)
+days=${SPIKEFED_CERT_DAYS:-365}
+if [[ ${SPIKEFED_CERTS_WITH:-} == python ]] || ! command -v openssl >/dev/null; then
+    "${PYTHON:-python3}" "$here/keys.py" tls "$dir" "${hosts[@]}"
+    echo "wrote $dir/ca.crt, $dir/server.pem, $dir/server.key (hosts: ${hosts[*]}); ca.key signs them"
+    exit 0
+fi
 
 # subjectAltName: IP addresses as IP:, everything else as DNS:
 san=""
@@ -35,7 +43,6 @@ for h in "${hosts[@]}"; do
     san="${san:+$san,}$entry"
 done
 
-days=${SPIKEFED_CERT_DAYS:-365}
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -sha256 -nodes -days "$days" \
     -keyout "$dir/ca.key" -out "$dir/ca.crt" -subj "/CN=spikefed CA" \
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \

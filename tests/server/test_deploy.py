@@ -25,6 +25,9 @@ TINY = ("dataset=digits model=mlp time-steps=2 local-epochs=1 chip=none fraction
 HANG_GUARD_S = 400.0  # a bound on waiting, so that a broken run fails instead of hanging
 
 
+SCRIPT_ENV = {**os.environ, "PYTHON": sys.executable}  # for keys.py where openssl/ssh are missing
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -91,7 +94,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("certs") / "tls"
     subprocess.run([str(REPO / "deploy/certs/generate.sh"), str(out)], check=True,
-                   capture_output=True)
+                   capture_output=True, env=SCRIPT_ENV)
     return out
 
 
@@ -112,7 +115,7 @@ def test_tls_federation_with_node_auth_survives_a_lost_client_and_refuses_a_stra
 ):
     keys, registered = tmp_path / "keys", tmp_path / "registered"
     subprocess.run([str(REPO / "deploy/certs/node-keys.sh"), str(keys), "4"], check=True,
-                   capture_output=True)
+                   capture_output=True, env=SCRIPT_ENV)
     registered.mkdir()
     for i in (1, 2, 3):  # node-4 is never registered
         (registered / f"node-{i}.pub").write_bytes((keys / f"node-{i}.pub").read_bytes())
@@ -216,15 +219,17 @@ def test_server_usage_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[
     assert not (tmp_path / "run" / "superlink").exists()  # nothing was started
 
 
-def test_generate_sh_writes_a_ca_and_a_server_certificate_for_the_hosts(tmp_path: Path):
+@pytest.mark.parametrize("backend", ["openssl", "python"])
+def test_generate_sh_writes_a_ca_and_a_server_certificate_for_the_hosts(tmp_path: Path, backend):
     import ssl
 
     from cryptography import x509
 
+    env = {**SCRIPT_ENV, "SPIKEFED_CERTS_WITH": backend}
     out = tmp_path / "tls"
     script = str(REPO / "deploy/certs/generate.sh")
     subprocess.run([script, str(out), "fl.example.org", "10.1.2.3"], check=True,
-                   capture_output=True)
+                   capture_output=True, env=env)
     context = ssl.create_default_context(cafile=str(out / "ca.crt"))
     context.load_cert_chain(str(out / "server.pem"), str(out / "server.key"))  # key matches
     cert = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
@@ -233,5 +238,24 @@ def test_generate_sh_writes_a_ca_and_a_server_certificate_for_the_hosts(tmp_path
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"fl.example.org", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
     assert {"10.1.2.3", "127.0.0.1"} <= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
-    again = subprocess.run([script, str(out)], capture_output=True, text=True)
+    again = subprocess.run([script, str(out)], capture_output=True, text=True, env=env)
     assert again.returncode == 2 and "already holds" in again.stderr  # never overwrites
+
+
+@pytest.mark.parametrize("backend", ["ssh-keygen", "python"])
+def test_node_keys_sh_writes_ecdsa_p384_openssh_key_pairs(tmp_path: Path, backend):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
+
+    env = {**SCRIPT_ENV, "SPIKEFED_CERTS_WITH": backend}
+    subprocess.run([str(REPO / "deploy/certs/node-keys.sh"), str(tmp_path), "2"], check=True,
+                   capture_output=True, env=env)
+    for i in (1, 2):
+        private = load_ssh_private_key((tmp_path / f"node-{i}").read_bytes(), password=None)
+        public = load_ssh_public_key((tmp_path / f"node-{i}.pub").read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        assert private.curve.name == "secp384r1"
+        assert private.public_key().public_numbers() == public.public_numbers()
