@@ -259,3 +259,24 @@ def test_node_keys_sh_writes_ecdsa_p384_openssh_key_pairs(tmp_path: Path, backen
         assert isinstance(private, ec.EllipticCurvePrivateKey)
         assert private.curve.name == "secp384r1"
         assert private.public_key().public_numbers() == public.public_numbers()
+
+
+def test_resume_check_skips_a_corrupt_newest_checkpoint_with_a_message(tmp_path: Path, caplog):
+    import torch
+
+    from server.cli import UserError
+    from server.deploy import check_out_dir
+    from shared.checkpoint import save_checkpoint
+
+    out = tmp_path / "run"
+    for r in (1, 2):
+        save_checkpoint(out / "checkpoints" / f"round-{r:03d}.safetensors",
+                        {"w": torch.full((3,), float(r))}, {"round": r})
+    newest = out / "checkpoints" / "round-002.safetensors"
+    newest.write_bytes(newest.read_bytes()[:40])  # cut short by a crash
+    with caplog.at_level("WARNING"):
+        assert check_out_dir(out, resume=True) == 1  # continues after round 1
+    assert "round-002.safetensors" in caplog.text and "corrupt" in caplog.text
+    with pytest.raises(UserError, match="already holds a run"):
+        check_out_dir(out, resume=False)
+    assert check_out_dir(tmp_path / "fresh", resume=False) == 0
