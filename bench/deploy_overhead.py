@@ -161,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     payload = statistics.median(e["bytes_up"] + e["bytes_down"] for e in dep["history"])
     rounds = len(dep["history"])
     rows = [
-        ["deployment (TLS, SuperLink + SuperNodes)", f"{per_round(dep):.1f}",
+        ["deployment (TLS)", f"{per_round(dep):.1f}",
          f"{dep['wall_s']:.0f}", f"{payload / 1e6:.3f}", f"{dep['fleet_bytes'] / rounds / 1e6:.3f}",
          f"{dep['wire_bytes'] / rounds / 1e6:.3f}"],
-        ["spikefed-run (simulation, Ray)", f"{per_round(sim):.1f}", f"{sim['wall_s']:.0f}",
+        ["spikefed-run (Ray)", f"{per_round(sim):.1f}", f"{sim['wall_s']:.0f}",
          "-", "-", "-"],
     ]
     print_table(
