@@ -76,6 +76,9 @@ class RunConfig(BaseModel):
     chip: str = Field("edge-int8", description="chip preset (shared.neurocore.PRESETS) or none")
     # outputs
     out_dir: str = "runs/default"
+    # the ServerApp's Prometheus endpoint (server.metrics); port 0 turns it off
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port; 0 = off")
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="address the endpoint binds")
 
     @field_validator("dataset")
     @classmethod
