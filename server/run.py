@@ -199,8 +199,9 @@ def main(
     if config.min_nodes > clients:
         config = config.replace(min_nodes=clients)
     _quiet_frameworks(verbose)
+    steps = config.model_spec()["time_steps"]  # an event dataset brings its own T
     console.print(
-        f"[bold]spikefed[/] {config.model} ({config.neuron}, T={config.time_steps}) on "
+        f"[bold]spikefed[/] {config.model} ({config.neuron}, T={steps}) on "
         f"{config.dataset}: {clients} clients, {config.num_server_rounds} rounds, "
         f"{config.strategy}, {config.partitioning} partitions -> {out}"
     )

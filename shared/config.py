@@ -135,7 +135,10 @@ class RunConfig(BaseModel):
         return self.model_dump(by_alias=True)
 
     def model_spec(self) -> dict[str, Any]:
-        """Keyword arguments of `shared.snn.build_model` for this run's dataset and model."""
+        """Keyword arguments of `shared.snn.build_model` for this run's dataset and model.
+
+        An event dataset brings its own number of frames, which then overrides `time-steps`
+        (that key sets T for direct-coded images)."""
         from shared.data import dataset_info
 
         info = dataset_info(self.dataset)
@@ -144,7 +147,7 @@ class RunConfig(BaseModel):
             "in_channels": info.in_channels,
             "num_classes": info.num_classes,
             "input_size": info.input_size,
-            "time_steps": self.time_steps,
+            "time_steps": info.time_steps or self.time_steps,
             "neuron": self.neuron,
             "surrogate": self.surrogate,
             "weight_bits": self.weight_bits,
