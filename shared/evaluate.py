@@ -247,7 +247,8 @@ def _test_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def integer_check(gm: GlobalModel, test: TensorDataset, train: TensorDataset,
                   samples: int, batch_size: int = 500) -> dict[str, Any]:
-    """Export the integer engine and compare its logits with the model's, bit for bit.
+    """Export the integer engine and compare its logits with the model's, bit for bit, on the whole
+    test split, topped up from the train split to at least `samples` inputs.
 
     `bit_exact`: every logit of every compared sample equal (float64); `mismatches`: samples with
     any differing logit; `accuracy`: the engine's accuracy on the test split."""
@@ -259,7 +260,7 @@ def integer_check(gm: GlobalModel, test: TensorDataset, train: TensorDataset,
     engine = to_integer(gm.model)
     x_test, y_test = _tensors(test)
     x_train, _ = _tensors(train)
-    x_all = torch.cat([x_test, x_train[: max(0, samples - len(x_test))]])[:max(samples, 1)]
+    x_all = torch.cat([x_test, x_train[: max(0, samples - len(x_test))]])  # >= the test split
     mismatches, correct, tested = 0, 0, 0
     for start in range(0, len(x_all), batch_size):
         codes, floats = _test_inputs(x_all[start : start + batch_size])

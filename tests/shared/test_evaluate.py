@@ -31,13 +31,13 @@ from shared.snn import federated_state, model_layout
 SPEC_KEYS = {"accuracy", "integer", "conversion", "attacks", "neurocore"}
 
 
-def _train_checkpoint(path, *, weight_bits: int = 4, steps: int = 60):
-    """A digits csnn trained for a few dozen steps (far above chance), saved as the server does."""
-    config = RunConfig.parse({"dataset": "digits", "weight-bits": weight_bits, "time-steps": 2})
+def _train_checkpoint(path, *, weight_bits: int = 4, steps: int = 60, dataset: str = "digits"):
+    """A csnn trained for a few dozen steps (far above chance), saved as the server does."""
+    config = RunConfig.parse({"dataset": dataset, "weight-bits": weight_bits, "time-steps": 2})
     spec = config.model_spec()
     torch.manual_seed(0)
     model = build_from_spec(spec).train()
-    x, y = load_dataset("digits", "train").tensors
+    x, y = load_dataset(dataset, "train").tensors
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     for step in range(steps):
         idx = torch.randint(0, len(y), (64,), generator=torch.Generator().manual_seed(step))
@@ -45,7 +45,7 @@ def _train_checkpoint(path, *, weight_bits: int = 4, steps: int = 60):
         F.cross_entropy(model(model_layout(x[idx])), y[idx]).backward()
         opt.step()
     return save_checkpoint(path, federated_state(model), {
-        "round": 1, "model": spec, "dataset": "digits", "config": config.to_flwr()})
+        "round": 1, "model": spec, "dataset": dataset, "config": config.to_flwr()})
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,25 @@ def test_pipeline_reports_every_spec_key(checkpoint, tmp_path):
         assert f"plots/{png}.png" in text
     back = json.loads(write_json(result, tmp_path / "eval.json").read_text())
     assert back["integer"] == integer
+
+
+@pytest.mark.slow
+def test_event_model_gets_sparse_attacks_and_its_own_time_steps(tmp_path):
+    path = _train_checkpoint(tmp_path / "round-001.safetensors", dataset="dvs-digits", steps=30)
+    options = EvalOptions(time_steps=(2, 8), attacks=("sda", "topk", "pgd-pdsg"), samples=6,
+                          exact_samples=10)
+    result = evaluate_checkpoint(path, options)
+    assert result["accuracy"] > 0.5
+    assert result["integer"]["bit_exact"] is True and result["integer"]["samples"] == 1000
+    assert [r["time_steps"] for r in result["conversion"]] == [8]  # the frames' own T
+    assert result["notes"] == ["T=2 skipped: event frames come with T=8"]
+    rows = {r["name"]: r for r in result["attacks"]}
+    assert set(rows) == {"sda", "topk"} and rows["sda"]["eps"] is None
+    for row in rows.values():
+        assert 0.0 <= row["success_rate"] <= 1.0 and row["samples"] > 0
+        if row["mean_l0"] is not None:
+            assert row["median_l0"] >= 1 and row["passes_per_sample"] > 0
+    assert [s["name"] for s in result["skipped_attacks"]] == ["pgd-pdsg"]
 
 
 def test_attacks_leave_the_model_unchanged(checkpoint):
