@@ -167,8 +167,11 @@ def main(
     if config.min_nodes > clients:
         config = config.replace(min_nodes=clients)
     _quiet_frameworks(verbose)
+    trains = (f"QC-ANN {config.model} (L={config.time_steps}, converted to an IF SNN at the end)"
+              if config.train_mode == "qann"
+              else f"{config.model} ({config.neuron}, T={config.time_steps})")
     console.print(
-        f"[bold]spikefed[/] {config.model} ({config.neuron}, T={config.time_steps}) on "
+        f"[bold]spikefed[/] {trains} on "
         f"{config.dataset}: {clients} clients, {config.num_server_rounds} rounds, "
         f"{config.strategy}, {config.partitioning} partitions -> {out}"
     )
@@ -195,6 +198,13 @@ def main(
         f"final accuracy [bold]{summary['final_accuracy']:.2%}[/] after {summary['rounds']} "
         f"rounds in {summary['duration_s']:.0f}s; summary: {out / 'summary.json'}"
     )
+    conversion = summary.get("conversion")
+    if conversion:
+        console.print(
+            f"converted SNN (IF, T={conversion['time_steps']}): accuracy "
+            f"[bold]{conversion['snn_accuracy']:.2%}[/] (QC-ANN {conversion['ann_accuracy']:.2%}); "
+            f"checkpoint: {conversion['checkpoint']}"
+        )
 
 
 def run_cli() -> None:
