@@ -77,7 +77,8 @@ class QCActivation(nn.Module):
         return self.theta * torch.clamp(u / self.levels, 0.0, 1.0)
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, theta={float(self.theta):.4g}, noise_p={self.noise_p}"
+        theta = float(self.theta.detach())
+        return f"levels={self.levels}, theta={theta:.4g}, noise_p={self.noise_p}"
 
 
 class ResidualBlock(nn.Module):
