@@ -12,6 +12,10 @@ For every spiking layer, from the input side, on a calibration set drawn from tr
   (c) shift again (the KL is blind to a common offset), kept only if the held-out KL does not
       rise (so (b)'s gain is never given back).
 
+A layer whose held-out KL ends higher than before its phase 2 is restored (mean matching is not
+mean-absolute-error minimisation: at T = 2 a shift can move more neurons off the right count than
+onto it), so phase 2 never makes a layer worse on the held-out images.
+
 The SNN rate of a neuron with threshold theta and N spikes is theta * N / T. With z the mean input
 current of a neuron over the T steps, its error splits exactly into
 
@@ -351,6 +355,9 @@ class Calibrator:
         for k, unit in enumerate(calibration_units(snn)):
             entry: dict[str, Any] = {"layer": unit.name}
             self.cache_inputs(snn, unit)
+            kl_before = self.heldout_kl(snn, unit, k)
+            saved = [copy.deepcopy(s.state_dict()) for s in unit.synapses]
+            v_init_before = nn.Parameter(unit.neuron.v_init.detach().clone())
             for i, step in enumerate(steps):
                 if step == "shift" and i > 0:  # (c): kept only if the held-out KL does not rise
                     kl, v_init = self.heldout_kl(snn, unit, k), unit.neuron.v_init
@@ -361,6 +368,11 @@ class Calibrator:
                     entry[f"shift_{i}"] = self.shift(snn, unit, k)
                 else:
                     entry.update(self.calibrate(snn, unit, k))
+            entry["reverted"] = self.heldout_kl(snn, unit, k) > kl_before
+            if entry["reverted"]:  # phase 2 made this layer worse on held-out images: undo it
+                for synapse, state in zip(unit.synapses, saved, strict=True):
+                    synapse.load_state_dict(state)
+                unit.neuron.v_init = v_init_before
             log.append(entry)
         self._cache = {}
         return log
