@@ -50,6 +50,25 @@ class Observer(Protocol):
     def on_round_end(self, entry: dict[str, Any]) -> None: ...
 
 
+class Observers:
+    """Several observers as one, called in order (e.g. the live display and the exporter)."""
+
+    def __init__(self, *observers: Observer | None) -> None:
+        self.observers = [o for o in observers if o is not None]
+
+    def on_start(self, config: RunConfig, first_round: int, initial: dict[str, Any]) -> None:
+        for observer in self.observers:
+            observer.on_start(config, first_round, initial)
+
+    def on_round_start(self, stats: RoundStats) -> None:
+        for observer in self.observers:
+            observer.on_round_start(stats)
+
+    def on_round_end(self, entry: dict[str, Any]) -> None:
+        for observer in self.observers:
+            observer.on_round_end(entry)
+
+
 def last_good_checkpoint(checkpoint_dir: Path) -> tuple[Path, dict, dict] | None:
     """The newest checkpoint that loads and verifies, as (path, tensors, metadata)."""
     for path in reversed(find_checkpoints(checkpoint_dir)):
@@ -258,6 +277,7 @@ class Federation:
             "loss": loss,
             "clients": stats.clients,
             "failed": stats.failed,
+            "rejected": stats.rejected,
             "bytes_up": stats.bytes_up,
             "bytes_down": stats.bytes_down,
             "energy_j": stats.energy_j,
@@ -283,6 +303,7 @@ class Federation:
             "final_accuracy": last["accuracy"],
             "final_loss": last["loss"],
             "best_accuracy": max((e["accuracy"] for e in self.history), default=None),
+            "rejected_updates": sum(e.get("rejected", 0) for e in self.history),
             "initial": initial,
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "duration_s": seconds,

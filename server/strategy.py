@@ -42,6 +42,8 @@ class RoundStats:
     sampled: int = 0
     clients: int = 0  # replies that were aggregated
     failed: int = 0  # error replies (client exceptions, lost nodes)
+    rejected: int = 0  # updates refused by validation
+    rejected_reasons: dict[str, int] = field(default_factory=dict)  # reason -> count
     bytes_down: int = 0
     bytes_up: int = 0
     energy_j: float = 0.0  # summed over the clients' chip-accounted training steps

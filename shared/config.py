@@ -81,6 +81,9 @@ class RunConfig(BaseModel):
     chip: str = Field("edge-int8", description="chip preset (shared.neurocore.PRESETS) or none")
     # outputs
     out_dir: str = "runs/default"
+    # the ServerApp's Prometheus endpoint (server.metrics); port 0 turns it off
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port; 0 = off")
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="address the endpoint binds")
 
     @field_validator("dataset")
     @classmethod
@@ -137,7 +140,10 @@ class RunConfig(BaseModel):
         return self.model_dump(by_alias=True)
 
     def model_spec(self) -> dict[str, Any]:
-        """Keyword arguments of `shared.snn.build_model` for this run's dataset and model."""
+        """Keyword arguments of `shared.snn.build_model` for this run's dataset and model.
+
+        An event dataset brings its own number of frames, which then overrides `time-steps`
+        (that key sets T for direct-coded images)."""
         from shared.data import dataset_info
 
         info = dataset_info(self.dataset)
@@ -146,7 +152,7 @@ class RunConfig(BaseModel):
             "in_channels": info.in_channels,
             "num_classes": info.num_classes,
             "input_size": info.input_size,
-            "time_steps": self.time_steps,
+            "time_steps": info.time_steps or self.time_steps,
             "neuron": self.neuron,
             "surrogate": self.surrogate,
             "weight_bits": self.weight_bits,
