@@ -200,8 +200,11 @@ def main(
         config = config.replace(min_nodes=clients)
     _quiet_frameworks(verbose)
     steps = config.model_spec()["time_steps"]  # an event dataset brings its own T
+    trains = (f"QC-ANN {config.model} (L={steps}, converted to an IF SNN at the end)"
+              if config.train_mode == "qann"
+              else f"{config.model} ({config.neuron}, T={steps})")
     console.print(
-        f"[bold]spikefed[/] {config.model} ({config.neuron}, T={steps}) on "
+        f"[bold]spikefed[/] {trains} on "
         f"{config.dataset}: {clients} clients, {config.num_server_rounds} rounds, "
         f"{config.strategy}, {config.partitioning} partitions -> {out}"
     )
@@ -220,6 +223,13 @@ def main(
             f"rounds in {summary['duration_s']:.0f}s; summary: {out / 'summary.json'}, "
             f"report: {report}"
         )
+        conversion = summary.get("conversion")
+        if conversion:
+            console.print(
+                f"converted SNN (IF, T={conversion['time_steps']}): accuracy "
+                f"[bold]{conversion['snn_accuracy']:.2%}[/] (QC-ANN "
+                f"{conversion['ann_accuracy']:.2%}); checkpoint: {conversion['checkpoint']}"
+            )
         if evaluate and summary.get("checkpoint"):
             final_evaluation(Path(summary["checkpoint"]), out / "evaluation", config)
         if exporter is not None and metrics_linger > 0:
