@@ -231,7 +231,9 @@ def main(
                 f"{conversion['ann_accuracy']:.2%}); checkpoint: {conversion['checkpoint']}"
             )
         if evaluate and summary.get("checkpoint"):
-            final_evaluation(Path(summary["checkpoint"]), out / "evaluation", config)
+            # a qann run is judged by the SNN it deploys (already converted and calibrated)
+            final = (conversion or {}).get("checkpoint") or summary["checkpoint"]
+            final_evaluation(Path(final), out / "evaluation", config)
         if exporter is not None and metrics_linger > 0:
             linger(exporter, metrics_linger)
     finally:

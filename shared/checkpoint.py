@@ -59,11 +59,11 @@ def save_checkpoint(
     path = Path(path)
     data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     _atomic_write(path, data)
-    sidecar = {
+    sidecar = {  # the file's own facts win over stale ones in `metadata` (e.g. copied meta)
+        **metadata,
         "format": FORMAT,
         "sha256": hashlib.sha256(data).hexdigest(),
         "bytes": len(data),
-        **metadata,
     }
     _atomic_write(metadata_path(path), (json.dumps(sidecar, indent=2) + "\n").encode())
     return path

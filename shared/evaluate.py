@@ -184,25 +184,41 @@ class GlobalModel:
 
     @property
     def kind(self) -> str:
-        """"snn" or "qann" (a clip-quantize ANN from `train-mode = "qann"`)."""
-        return str(self.meta.get("kind") or self.config.get("train-mode") or "snn")
+        """"snn" (a trained SNN), "qann" (a clip-quantize ANN from `train-mode = "qann"`) or
+        "converted-snn" (the IF network the server converted a QC-ANN into)."""
+        return _kind(self.meta, self.spec)
 
     @property
     def quantized(self) -> bool:
-        return int(self.spec.get("weight_bits", 32)) != 32
+        """Whether the model has an integer engine (a `shared.quant.quantize` model)."""
+        from shared.quant.qat import QuantizedMixin
+
+        return isinstance(self.model, QuantizedMixin)
 
     def rebuild(self, **changes: Any) -> nn.Module:
         """The same weights in a model built from the spec with `changes` (e.g. time_steps)."""
-        return _build(self.path, {**self.spec, **changes}, self.tensors)
+        return _build(self.path, {**self.spec, **changes}, self.tensors, self.meta)
 
 
-def _build(path: Path, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
+def _kind(meta: dict[str, Any], spec: dict[str, Any]) -> str:
+    if meta.get("kind") == "converted-snn":
+        return "converted-snn"
+    return "qann" if spec.get("train_mode") == "qann" else "snn"
+
+
+def _build(path: Path, spec: dict[str, Any], tensors: dict[str, torch.Tensor],
+           meta: dict[str, Any]) -> nn.Module:
     from shared.config import build_from_spec
 
     try:
         model = build_from_spec(spec)
-        load_federated_state(model, tensors)
-    except (TypeError, ValueError, RuntimeError) as err:
+        if _kind(meta, spec) == "converted-snn":
+            from shared.convert import load_converted
+
+            model = load_converted(model, tensors, meta)
+        else:
+            load_federated_state(model, tensors)
+    except (TypeError, ValueError, RuntimeError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path} does not rebuild as {spec.get('name')}: "
                               f"{str(err).splitlines()[0]}") from None
     return model.eval()
@@ -229,7 +245,7 @@ def load_global_model(path: str | Path) -> GlobalModel:
     if name not in MODELS:
         raise CheckpointError(f"checkpoint {path} is of an unknown model {name!r}; "
                               f"spikefed-evaluate knows {', '.join(MODELS)}")
-    return GlobalModel(path, _build(path, spec, tensors), tensors, meta, dict(spec))
+    return GlobalModel(path, _build(path, spec, tensors, meta), tensors, meta, dict(spec))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,8 +269,10 @@ def integer_check(gm: GlobalModel, test: TensorDataset, train: TensorDataset,
     `bit_exact`: every logit of every compared sample equal (float64); `mismatches`: samples with
     any differing logit; `accuracy`: the engine's accuracy on the test split."""
     if not gm.quantized:
+        why = ("weight-bits=32: a float model has no integer engine" if gm.kind == "snn" else
+               f"a {gm.kind} model has no integer engine (quantized SNNs from train-mode=snn do)")
         return {"accuracy": None, "bit_exact": None, "mismatches": None, "samples": 0,
-                "note": "weight-bits=32: a float model has no integer engine"}
+                "note": why}
     from shared.quant import to_integer
 
     engine = to_integer(gm.model)
@@ -277,13 +295,24 @@ def integer_check(gm: GlobalModel, test: TensorDataset, train: TensorDataset,
 
 def time_sweep(gm: GlobalModel, test: TensorDataset, steps: Sequence[int],
                batch_size: int = 500) -> tuple[list[dict[str, Any]], list[str]]:
-    """Accuracy of the SNN at each T (same weights). Event-frame models run at the data's T."""
+    """Accuracy of the SNN at each T (same weights). Event-frame models run at the data's T, a
+    converted SNN at the T it was calibrated for."""
     x, _ = _tensors(test)
     rows, notes = [], []
-    native = int(gm.spec["time_steps"])
+    converted = gm.kind == "converted-snn"
+    native = int(gm.meta["time_steps"] if converted else gm.spec["time_steps"])
     for t in steps:
         if x.dim() == 5 and t != x.shape[1]:
             notes.append(f"T={t} skipped: event frames come with T={x.shape[1]}")
+            continue
+        if converted and t != native:
+            notes.append(f"T={t} skipped: this SNN was calibrated for T={native}; evaluate its "
+                         "QC-ANN checkpoint for a conversion sweep")
+            continue
+        if converted:
+            _, accuracy = evaluate_model(gm.model, test, batch_size)
+            rows.append({"time_steps": t, "ann_accuracy": gm.meta.get("ann_accuracy"),
+                         "snn_accuracy": accuracy})
             continue
         model = gm.model if t == native else gm.rebuild(time_steps=t)
         _, accuracy = evaluate_model(model, test, batch_size)
@@ -471,8 +500,9 @@ def evaluate_checkpoint(
     result["integer"] = integer_check(gm, test, train, options.exact_samples, options.batch_size)
     if gm.kind == "qann":
         stage("dual-phase conversion")
-        result["conversion"], notes = conversion_sweep(gm, test, train, options.time_steps)
+        result["conversion"], gm = conversion_sweep(gm, test, train, options, stage)
         result["conversion_source"] = "dual-phase"
+        notes = [f"attacks and chip figures: the SNN converted at T={gm.meta['time_steps']}"]
     else:
         stage("accuracy over T")
         result["conversion"], notes = time_sweep(gm, test, options.time_steps, options.batch_size)
@@ -488,18 +518,27 @@ def evaluate_checkpoint(
     return result
 
 
-def conversion_sweep(gm: GlobalModel, test: TensorDataset, train: TensorDataset,
-                     steps: Sequence[int]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Dual-phase conversion of a QC-ANN checkpoint at each T, calibrated on train images."""
+def conversion_sweep(
+    gm: GlobalModel, test: TensorDataset, train: TensorDataset, options: EvalOptions,
+    stage: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], GlobalModel]:
+    """Dual-phase conversion of a QC-ANN checkpoint at each T, calibrated on train images (never
+    test). Returns the rows and the SNN converted at the checkpoint's T (else the last T asked
+    for), as the model the attacks and the chip figures use."""
     from shared.convert import dual_phase_convert
 
-    _, ann_accuracy = evaluate_model(gm.model, test)
-    rows = []
-    for t in steps:
-        snn, _ = dual_phase_convert(gm.model, train, t)
-        _, snn_accuracy = evaluate_model(snn, test)
+    _, ann_accuracy = evaluate_model(gm.model, test, options.batch_size)
+    rows, target = [], None
+    for t in options.time_steps:
+        stage(f"dual-phase conversion at T={t}")
+        snn, _ = dual_phase_convert(gm.model, train, t, seed=options.seed, stages=False)
+        _, snn_accuracy = evaluate_model(snn, test, options.batch_size)
         rows.append({"time_steps": t, "ann_accuracy": ann_accuracy, "snn_accuracy": snn_accuracy})
-    return rows, []
+        if target is None or t == int(gm.spec["time_steps"]):
+            target = (t, snn)
+    t, snn = target  # type: ignore[misc]
+    meta = {**gm.meta, "kind": "converted-snn", "time_steps": t, "ann_accuracy": ann_accuracy}
+    return rows, GlobalModel(gm.path, snn.eval(), {}, meta, gm.spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,7 +574,7 @@ def result_tables(result: dict[str, Any]) -> list[Any]:
     head.add_row("training-step DRAM bytes", f"{chip['dram_bytes']:,}")
     sweep = Table(title="accuracy over time steps"
                   + (" (dual-phase conversion)" if result["conversion_source"] == "dual-phase"
-                     else ""))
+                     else ""), caption="; ".join(result["notes"]) or None)
     sweep.add_column("T", justify="right")
     sweep.add_column("ANN", justify="right")
     sweep.add_column("SNN", justify="right")

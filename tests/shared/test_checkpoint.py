@@ -12,6 +12,7 @@ from shared.checkpoint import (
     find_checkpoints,
     load_checkpoint,
     metadata_path,
+    read_metadata,
     save_checkpoint,
 )
 
@@ -67,3 +68,13 @@ def test_no_temporary_files_left(tmp_path, tensors):
     for r in range(3):
         save_checkpoint(tmp_path / f"round-{r:03d}.safetensors", tensors, {"round": r})
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_stale_hash_in_metadata_does_not_override_the_files_own(tmp_path, tensors):
+    first = save_checkpoint(tmp_path / "a.safetensors", tensors, {"round": 1})
+    meta = read_metadata(first)
+    changed = {name: t + 1 for name, t in tensors.items()}  # int8 codes stay int8
+    second = save_checkpoint(tmp_path / "b.safetensors", changed, meta)  # copied metadata
+    loaded, meta2 = load_checkpoint(second)
+    assert meta2["round"] == 1 and meta2["sha256"] != meta["sha256"]
+    assert all(torch.equal(loaded[k], changed[k]) for k in changed)

@@ -31,9 +31,11 @@ from shared.snn import federated_state, model_layout
 SPEC_KEYS = {"accuracy", "integer", "conversion", "attacks", "neurocore"}
 
 
-def _train_checkpoint(path, *, weight_bits: int = 4, steps: int = 60, dataset: str = "digits"):
+def _train_checkpoint(path, *, weight_bits: int = 4, steps: int = 60, dataset: str = "digits",
+                      train_mode: str = "snn"):
     """A csnn trained for a few dozen steps (far above chance), saved as the server does."""
-    config = RunConfig.parse({"dataset": dataset, "weight-bits": weight_bits, "time-steps": 2})
+    config = RunConfig.parse({"dataset": dataset, "weight-bits": weight_bits, "time-steps": 2,
+                              "train-mode": train_mode})
     spec = config.model_spec()
     torch.manual_seed(0)
     model = build_from_spec(spec).train()
@@ -105,6 +107,36 @@ def test_event_model_gets_sparse_attacks_and_its_own_time_steps(tmp_path):
         if row["mean_l0"] is not None:
             assert row["median_l0"] >= 1 and row["passes_per_sample"] > 0
     assert [s["name"] for s in result["skipped_attacks"]] == ["pgd-pdsg"]
+
+
+def test_qann_checkpoint_gets_a_conversion_sweep_and_its_snn_is_evaluable(tmp_path):
+    from shared.convert import dual_phase_convert
+    from shared.convert.phase2 import converted_metadata
+
+    path = _train_checkpoint(tmp_path / "round-001.safetensors", train_mode="qann", steps=40)
+    options = EvalOptions(time_steps=(1, 2), attacks=("pgd-pdsg",), eps=(16 / 255,),
+                          samples=20)
+    result = evaluate_checkpoint(path, options)
+    assert result["kind"] == "qann" and result["conversion_source"] == "dual-phase"
+    assert [r["time_steps"] for r in result["conversion"]] == [1, 2]
+    for row in result["conversion"]:
+        assert row["ann_accuracy"] == pytest.approx(result["accuracy"])
+        assert 0 <= row["snn_accuracy"] <= 1
+    at_l = result["conversion"][1]  # T = the L the QC-ANN was trained for: near-lossless
+    assert abs(at_l["snn_accuracy"] - at_l["ann_accuracy"]) < 0.03
+    assert result["integer"]["samples"] == 0 and "qann" in result["integer"]["note"]
+    assert result["attacks"][0]["samples"] > 0 and result["neurocore"]["energy_j"] > 0
+
+    # the server's converted checkpoint (snn-round-NNN) evaluates at the T it was calibrated for
+    gm = load_global_model(path)
+    snn, _ = dual_phase_convert(gm.model, load_dataset("digits", "train"), 2, stages=False)
+    converted = save_checkpoint(tmp_path / "snn-round-001.safetensors", snn.state_dict(), {
+        **gm.meta, "ann_accuracy": result["accuracy"], **converted_metadata(gm.model, snn)})
+    again = evaluate_checkpoint(converted, EvalOptions(time_steps=(2, 4), attacks=()))
+    assert again["kind"] == "converted-snn"
+    assert [r["time_steps"] for r in again["conversion"]] == [2]
+    assert again["conversion"][0]["snn_accuracy"] == pytest.approx(again["accuracy"])
+    assert "T=4 skipped" in again["notes"][0]
 
 
 def test_attacks_leave_the_model_unchanged(checkpoint):
