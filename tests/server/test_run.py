@@ -122,7 +122,7 @@ def test_evaluate_command_on_the_run(quick_run, tmp_path):
     assert all(0 <= a["success_rate"] <= 1 for a in evaluation["attacks"])
     for png in ("accuracy_vs_time_steps", "attack_success_vs_eps", "energy_breakdown"):
         assert (tmp_path / "plots" / f"{png}.png").stat().st_size > 1000
-    assert "accuracy over time steps" in result.stdout
+    assert "integer engine bit-exact" in result.stdout and "pgd-sigmoid" in result.stdout
 
 
 @pytest.mark.slow
