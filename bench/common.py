@@ -76,3 +76,21 @@ def warn_if_busy(others: list[float], threshold: float = 0.2) -> None:
     if others and statistics.median(others) > threshold:
         print(f"warning: other processes kept {statistics.median(others):.2f} cores busy; "
               "rerun on a quiet machine")
+
+
+def spikefed_run(out: str, *args: str) -> dict:
+    """Run `spikefed-run --out OUT ARGS...` in a fresh process (its own Ray session) and return
+    its summary.json; a failed run raises with the command's last output lines."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "server.run", "--out", out, *args]
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-5:])
+        raise RuntimeError(f"{' '.join(cmd[2:])} failed ({result.returncode}):\n{tail}")
+    return json.loads((Path(out) / "summary.json").read_text())

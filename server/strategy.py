@@ -156,8 +156,8 @@ class RoundRecorder:
             log.warning("round %d: %d valid updates, fewer than min-nodes=%d: the global model "
                         "stays unchanged", global_round, len(accepted), self.min_valid)
             return None, None
-        stats.clients = len(accepted)
         arrays, metrics = super().aggregate_train(global_round, accepted)  # type: ignore[misc]
+        stats.clients = len(accepted) if arrays is not None else 0  # Bulyan may decline
         if metrics is not None:
             stats.train_loss = _maybe_float(metrics.get("loss"))
             stats.train_accuracy = _maybe_float(metrics.get("accuracy"))
