@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def busy_cpu_seconds() -> float | None:
@@ -78,14 +83,14 @@ def warn_if_busy(others: list[float], threshold: float = 0.2) -> None:
               "rerun on a quiet machine")
 
 
-def spikefed_run(out: str, *args: str) -> dict:
+def spikefed_run(out: str, *args: str, reuse: bool = False) -> dict:
     """Run `spikefed-run --out OUT ARGS...` in a fresh process (its own Ray session) and return
-    its summary.json; a failed run raises with the command's last output lines."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    its summary.json; a failed run raises with the command's last output lines. With `reuse`, a
+    finished run already in OUT (same arguments, recorded in OUT/bench-args.json) is not redone."""
+    record = Path(out) / "bench-args.json"
+    if reuse and record.is_file() and json.loads(record.read_text()) == list(args):
+        return json.loads((Path(out) / "summary.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)  # a stale or unfinished run of this bench
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(root)}
     cmd = [sys.executable, "-m", "server.run", "--out", out, *args]
@@ -93,4 +98,5 @@ def spikefed_run(out: str, *args: str) -> dict:
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-5:])
         raise RuntimeError(f"{' '.join(cmd[2:])} failed ({result.returncode}):\n{tail}")
+    record.write_text(json.dumps(list(args)))
     return json.loads((Path(out) / "summary.json").read_text())

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--bits", default="32,8,4", help="update-bits settings, 32 first")
     parser.add_argument("--run-config", default="", help="extra run-config overrides")
-    parser.add_argument("--out", default=None, help="keep the runs here (default: a temp dir)")
+    parser.add_argument("--out", default=None,
+                        help="keep the runs here and reuse finished ones (default: a temp dir)")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
     bits_list = [int(b) for b in args.bits.split(",")]
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     for bits in bits_list:
         config = f"update-bits={bits} local-epochs={args.local_epochs} {args.run_config}"
         summary = spikefed_run(str(out / f"bits-{bits}"), "--clients", str(args.clients),
-                               "--rounds", str(args.rounds), "--run-config", config)
+                               "--rounds", str(args.rounds), "--run-config", config,
+                               reuse=args.out is not None)
         results[bits] = {
             "bytes_up": sum(e["bytes_up"] for e in summary["history"]),
             "bytes_down": sum(e["bytes_down"] for e in summary["history"]),

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", default="none,nan,sign-flip,scale,random")
     parser.add_argument("--run-config", default="partitioning=iid",
                         help="extra run-config overrides")
-    parser.add_argument("--out", default=None, help="keep the runs here (default: a temp dir)")
+    parser.add_argument("--out", default=None,
+                        help="keep the runs here and reuse finished ones (default: a temp dir)")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
     strategies, attacks = args.strategies.split(","), args.attacks.split(",")
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "--byzantine-kind", attack]
             summary = spikefed_run(str(out / f"{strategy}-{attack}"), "--clients",
                                    str(args.clients), "--rounds", str(args.rounds),
-                                   "--run-config", config, *extra)
+                                   "--run-config", config, *extra,
+                                   reuse=args.out is not None)
             results[strategy][attack] = {
                 "final_accuracy": summary["final_accuracy"],
                 "rejected_updates": summary["rejected_updates"],
