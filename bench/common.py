@@ -64,7 +64,9 @@ def alternate(
     return rates, others
 
 
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+def print_table(
+    title: str, header: list[str], rows: list[list[str]], width: int | None = None
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -73,7 +75,7 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
         table.add_column(h, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    Console(width=width).print(table)
 
 
 def warn_if_busy(others: list[float], threshold: float = 0.2) -> None:

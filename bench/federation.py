@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         f"update compression: {args.clients} clients, {args.rounds} rounds, "
         f"local-epochs {args.local_epochs} {args.run_config}".strip(),
         ["update-bits", "kB up / round", f"up vs {bits_list[0]}", "kB down / round",
-         "final acc %", "Δ final (points)", "Δ mean over rounds"],
+         "final acc %", "Δ final (points)", "Δ mean over rounds (points)"],
         rows,
+        width=130,
     )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

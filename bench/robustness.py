@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "(change vs the strategy's clean run) [rejected updates]",
         ["strategy", "clean", *attacks[1:], "clean vs fedavg"],
         rows,
+        width=150,
     )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
