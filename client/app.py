@@ -19,7 +19,7 @@ from shared.config import RunConfig, build_from_spec
 from shared.data import load_dataset, partition_indices
 from shared.evaluate import evaluate_model
 from shared.neurocore import ChipConfig
-from shared.quant.update import FULL_PRECISION, encode_update
+from shared.quant.update import FULL_PRECISION, EncodedTensor, encode_update
 from shared.snn import federated_state, load_federated_state, model_layout, spike_density
 
 app = ClientApp()
@@ -68,15 +68,19 @@ def update_records(
 ) -> dict[str, ArrayRecord | ConfigRecord]:
     """The reply's update for the trained `state`. With `bits` = 32 the float32 weights ("arrays");
     otherwise the update (`state` minus `received`, the global weights this round started from) as
-    packed integer codes per tensor ("arrays", uint8) and their power-of-two scales
-    ("update-scales"), see `shared.quant.update`. The server decodes before aggregating."""
+    packed integer codes per tensor ("arrays", uint8; float32 deltas for BN running statistics)
+    and their power-of-two scales ("update-scales"), see `shared.quant.update`. The server
+    decodes before aggregating."""
     if bits == FULL_PRECISION:
         return {"arrays": ArrayRecord(state)}
     encoded = encode_update(state, received, bits)
-    return {
-        "arrays": ArrayRecord({name: Array(np.asarray(e.packed)) for name, e in encoded.items()}),
-        "update-scales": ConfigRecord({name: e.scale for name, e in encoded.items()}),
-    }
+    arrays, scales = {}, {}
+    for name, e in encoded.items():
+        if isinstance(e, EncodedTensor):
+            arrays[name], scales[name] = Array(np.asarray(e.packed)), e.scale
+        else:
+            arrays[name] = Array(np.asarray(e))
+    return {"arrays": ArrayRecord(arrays), "update-scales": ConfigRecord(scales)}
 
 
 @app.train()

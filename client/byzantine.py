@@ -16,7 +16,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client import app as honest
 from shared.byzantine import KIND_KEY, NODES_KEY, corrupt_delta
-from shared.quant.update import FULL_PRECISION, decode_tensor
+from shared.quant.update import FULL_PRECISION, decode_update
 
 
 def reply_delta(
@@ -27,13 +27,10 @@ def reply_delta(
     if bits == FULL_PRECISION:
         trained = arrays.to_torch_state_dict()
         return {name: trained[name] - received[name] for name in received}
-    scales = reply.content["update-scales"]
-    return {
-        name: torch.from_numpy(
-            decode_tensor(arrays[name].numpy(), scales[name], tuple(base.shape), bits)
-        )
-        for name, base in received.items()
-    }
+    values = {name: array.numpy() for name, array in arrays.items()}
+    shapes = {name: tuple(base.shape) for name, base in received.items()}
+    deltas = decode_update(values, dict(reply.content["update-scales"]), shapes, bits)
+    return {name: torch.from_numpy(delta) for name, delta in deltas.items()}
 
 
 def byzantine_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

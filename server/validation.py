@@ -1,10 +1,11 @@
 """Update validation: what the server checks in a train reply before any strategy aggregates it.
 
 A reply must carry exactly the records the run's uplink format defines: "metrics" (a MetricRecord
-with finite `num-examples` > 0, `loss` and `accuracy`) and "arrays", plus "update-scales" when
-`update-bits` < 32 (see `shared.quant.update`). Every tensor of the global model must be there under
-its own name, with the expected dtype and shape (float32 weights, or packed uint8 codes of the right
-length), codes within range, scales finite powers of two, all values finite, and, when
+with finite `num-examples` > 0, `loss` and `accuracy`, all its values finite) and "arrays", plus
+"update-scales" when `update-bits` < 32 (see `shared.quant.update`). Every tensor of the global
+model must be there under its own name, with the expected dtype and shape (float32 weights; or
+packed uint8 codes of the right length, float32 deltas for BN statistics), codes within range,
+scales finite powers of two, all values finite, and, when
 `max-update-norm` > 0, the update's L2 norm (all tensors together) at most that. An accepted reply
 is rewritten to what Flower's strategies expect: one ArrayRecord of full float32 weights (global +
 decoded update). A refused one raises `Rejected` with one of `REASONS`, which the round counts.
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from shared.quant.update import FULL_PRECISION, UpdateError, decode_tensor
+from shared.quant.update import FULL_PRECISION, UpdateError, check_float, decode_update, is_coded
 
 REASONS = (
     "metrics",  # MetricRecord missing, or a required metric missing or not a finite number
@@ -72,8 +73,9 @@ def check_records(content: RecordDict, bits: int, names: set[str]) -> None:
     if arrays != names:
         missing, extra = sorted(names - arrays), sorted(arrays - names)
         raise Rejected("names", f"tensors missing {missing[:5]}, unexpected {extra[:5]}")
-    if bits != FULL_PRECISION and set(content.config_records[SCALES]) != names:
-        raise Rejected("names", "update-scales does not name exactly the model's tensors")
+    coded = {name for name in names if is_coded(name)}
+    if bits != FULL_PRECISION and set(content.config_records[SCALES]) != coded:
+        raise Rejected("names", "update-scales does not name exactly the coded tensors")
 
 
 def _numpy(array: Array, name: str) -> np.ndarray:
@@ -87,26 +89,21 @@ def decode_delta(
     content: RecordDict, global_arrays: Mapping[str, np.ndarray], bits: int
 ) -> dict[str, np.ndarray]:
     """The reply's update (weights minus the global weights), as float32 arrays."""
-    arrays = content.array_records["arrays"]
-    deltas = {}
-    for name, base in global_arrays.items():
-        value = _numpy(arrays[name], name)
-        if bits == FULL_PRECISION:
-            if value.dtype != np.float32:
-                raise Rejected("dtype", f"{name} is {value.dtype}, expected float32")
-            if value.shape != base.shape:
-                raise Rejected("shape", f"{name} is {list(value.shape)}, expected "
-                               f"{list(base.shape)}")
-            if not np.isfinite(value).all():
-                raise Rejected("non-finite", f"{name} holds NaN or inf")
-            deltas[name] = value - base
-            continue
-        try:
-            deltas[name] = decode_tensor(value, content.config_records[SCALES][name],
-                                         base.shape, bits)
-        except UpdateError as err:
-            raise Rejected(err.reason, f"{name}: {err.detail}") from None
-    return deltas
+    record = content.array_records["arrays"]
+    arrays = {name: _numpy(record[name], name) for name in global_arrays}
+    shapes = {name: base.shape for name, base in global_arrays.items()}
+    try:
+        if bits != FULL_PRECISION:
+            return decode_update(arrays, dict(content.config_records[SCALES]), shapes, bits)
+        deltas = {}
+        for name, base in global_arrays.items():
+            try:
+                deltas[name] = check_float(arrays[name], base.shape) - base
+            except UpdateError as err:
+                raise UpdateError(err.reason, f"{name}: {err.detail}") from None
+        return deltas
+    except UpdateError as err:
+        raise Rejected(err.reason, err.detail) from None
 
 
 def update_norm(deltas: Mapping[str, np.ndarray]) -> float:

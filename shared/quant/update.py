@@ -14,6 +14,10 @@ range), in `packed_size(numel, bits)` bytes; the scale travels as a float. A ten
 non-finite value cannot be coded: it goes out as zero codes with a NaN scale, so the server sees
 (and rejects) a non-finite update rather than the client crashing.
 
+BatchNorm running statistics (`STATISTICS`: a few values per channel) travel as float32 deltas:
+a running variance must stay positive, and a coarse per-tensor code cannot promise that (at 4 bits
+the first round's variances, all falling from 1 to ~0.05, decode to exactly 0).
+
 Decoding checks everything a hostile sender controls (dtype, length, code range, the scale being
 a finite power of two) and raises `UpdateError` with a short `reason` the server counts.
 """
@@ -31,6 +35,12 @@ from torch import Tensor
 from .fake import check_bits, pow2_codes
 
 FULL_PRECISION = 32  # update-bits = 32: no compression, the client sends its float32 weights
+STATISTICS = ("running_mean", "running_var")  # tensors whose update travels as float32
+
+
+def is_coded(name: str) -> bool:
+    """Whether tensor `name`'s update travels as integer codes (else as a float32 delta)."""
+    return not name.endswith(STATISTICS)
 
 
 class UpdateError(ValueError):
@@ -114,23 +124,52 @@ def decode_tensor(
     return (codes.astype(np.float64) * value).astype(np.float32).reshape(shape)
 
 
+def check_float(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array of `shape` with finite values (a statistics delta, or full weights)."""
+    if value.dtype != np.float32:
+        raise UpdateError("dtype", f"{value.dtype}, expected float32")
+    if value.shape != tuple(shape):
+        raise UpdateError("shape", f"{list(value.shape)}, expected {list(shape)}")
+    if not np.isfinite(value).all():
+        raise UpdateError("non-finite", "holds NaN or inf")
+    return value
+
+
 def encode_update(
     new: Mapping[str, Tensor], base: Mapping[str, Tensor], bits: int
-) -> dict[str, EncodedTensor]:
-    """Encode new - base for every tensor of `base` (the global weights the client received)."""
+) -> dict[str, EncodedTensor | np.ndarray]:
+    """Encode new - base for every tensor of `base` (the global weights the client received):
+    an `EncodedTensor` where `is_coded(name)`, else the float32 delta."""
     if new.keys() != base.keys():
         raise ValueError(f"update names {sorted(new)} differ from the global {sorted(base)}")
-    return {name: encode_tensor(new[name].float() - base[name].float(), bits) for name in base}
+    out: dict[str, EncodedTensor | np.ndarray] = {}
+    for name in base:
+        delta = new[name].detach().float() - base[name].detach().float()
+        out[name] = encode_tensor(delta, bits) if is_coded(name) else delta.numpy()
+    return out
 
 
 def decode_update(
-    encoded: Mapping[str, EncodedTensor], shapes: Mapping[str, tuple[int, ...]], bits: int
+    arrays: Mapping[str, np.ndarray],
+    scales: Mapping[str, object],
+    shapes: Mapping[str, tuple[int, ...]],
+    bits: int,
 ) -> dict[str, np.ndarray]:
-    """The float32 deltas of an encoded update whose tensors must be exactly `shapes`' names."""
-    if set(encoded) != set(shapes):
-        missing, extra = sorted(set(shapes) - set(encoded)), sorted(set(encoded) - set(shapes))
-        raise UpdateError("names", f"missing {missing}, unexpected {extra}")
-    return {
-        name: decode_tensor(encoded[name].packed, encoded[name].scale, shape, bits)
-        for name, shape in shapes.items()
-    }
+    """The float32 deltas of an update sent as `arrays` (packed codes, or float32 deltas for the
+    statistics) and `scales` (one per coded tensor); its names must be exactly those of `shapes`.
+    Raises `UpdateError` with the first problem found."""
+    coded = {name for name in shapes if is_coded(name)}
+    if set(arrays) != set(shapes) or set(scales) != coded:
+        missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes))
+        raise UpdateError("names", f"tensors missing {missing[:5]}, unexpected {extra[:5]}, "
+                          f"or scales not exactly those of the coded tensors")
+    deltas = {}
+    for name, shape in shapes.items():
+        try:
+            if name in coded:
+                deltas[name] = decode_tensor(arrays[name], scales[name], shape, bits)
+            else:
+                deltas[name] = check_float(arrays[name], shape)
+        except UpdateError as err:
+            raise UpdateError(err.reason, f"{name}: {err.detail}") from None
+    return deltas

@@ -21,9 +21,10 @@ from flwr.app import (
 from server.strategy import make_strategy, privacy_summary, reply_bytes
 from server.validation import Rejected, accept
 from shared.config import RunConfig
-from shared.quant.update import encode_update
+from shared.quant.update import EncodedTensor, encode_update
 
 GLOBAL = {"conv.weight": np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4),
+          "bn.running_var": np.ones(2, dtype=np.float32),
           "fc.bias": np.zeros(5, dtype=np.float32)}
 
 
@@ -44,9 +45,11 @@ def content(delta: float | dict = 0.01, bits: int = 8, seed: int = 0) -> RecordD
     if bits == 32:
         return RecordDict({"arrays": ArrayRecord(new), "metrics": metrics()})
     encoded = encode_update(new, {k: torch.from_numpy(v) for k, v in GLOBAL.items()}, bits)
+    coded = {k: e for k, e in encoded.items() if isinstance(e, EncodedTensor)}
     return RecordDict({
-        "arrays": ArrayRecord({k: Array(e.packed) for k, e in encoded.items()}),
-        "update-scales": ConfigRecord({k: e.scale for k, e in encoded.items()}),
+        "arrays": ArrayRecord({k: Array(coded[k].packed if k in coded else e)
+                               for k, e in encoded.items()}),
+        "update-scales": ConfigRecord({k: e.scale for k, e in coded.items()}),
         "metrics": metrics(),
     })
 
@@ -117,6 +120,14 @@ CASES = {
         "dtype"),
     "codes sent where weights expected": (lambda: content(bits=8), 32, "names"),
     "norm too large": (lambda: content(0.5), 8, "norm"),
+    "statistics delta NaN": (
+        lambda: _set(content(), "arrays", "bn.running_var", Array(np.full(2, np.nan, np.float32))),
+        8, "non-finite"),
+    "statistics sent as codes": (
+        lambda: _set(content(), "arrays", "bn.running_var", Array(np.zeros(2, np.uint8))), 8,
+        "dtype"),
+    "scale for a statistics tensor": (
+        lambda: _set(content(), "update-scales", "bn.running_var", 0.5), 8, "names"),
 }
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from shared.quant import weight_codes
 from shared.quant.update import (
+    EncodedTensor,
     UpdateError,
     decode_tensor,
     decode_update,
@@ -107,13 +108,25 @@ def test_four_bit_range_check_catches_the_unused_code():
         unpack_codes(packed, 4, 4)
 
 
-def test_update_round_trip_and_name_check():
-    base = {"a": torch.randn(3, 3), "b": torch.randn(4)}
+def test_update_round_trip_with_float_statistics_and_name_check():
+    base = {"a": torch.randn(3, 3), "b": torch.randn(4), "bn.running_var": torch.ones(4)}
     new = {k: v + 0.01 * torch.randn_like(v) for k, v in base.items()}
-    encoded = encode_update(new, base, 8)
-    decoded = decode_update(encoded, {k: tuple(v.shape) for k, v in base.items()}, 8)
-    for name in base:
+    new["bn.running_var"] = torch.full((4,), 0.02)  # falls 1 -> 0.02: must stay positive
+    encoded = encode_update(new, base, 4)
+    assert isinstance(encoded["a"], EncodedTensor)
+    assert encoded["bn.running_var"].dtype == np.float32  # statistics travel as float32 deltas
+    arrays = {k: e.packed if isinstance(e, EncodedTensor) else e for k, e in encoded.items()}
+    scales = {k: e.scale for k, e in encoded.items() if isinstance(e, EncodedTensor)}
+    shapes = {k: tuple(v.shape) for k, v in base.items()}
+    decoded = decode_update(arrays, scales, shapes, 4)
+    for name in ("a", "b"):
         assert np.allclose(decoded[name], (new[name] - base[name]).numpy(),
                            atol=encoded[name].scale / 2 + 1e-7)
+    assert np.allclose(base["bn.running_var"].numpy() + decoded["bn.running_var"], 0.02)
     with pytest.raises(UpdateError, match="names"):
-        decode_update({"a": encoded["a"]}, {"a": (3, 3), "b": (4,)}, 8)
+        decode_update({k: arrays[k] for k in ("a", "bn.running_var")}, scales, shapes, 4)
+    with pytest.raises(UpdateError, match="names"):
+        decode_update(arrays, {**scales, "bn.running_var": 1.0}, shapes, 4)
+    nan = {**arrays, "bn.running_var": np.full(4, np.nan, np.float32)}
+    with pytest.raises(UpdateError, match="non-finite"):
+        decode_update(nan, scales, shapes, 4)
