@@ -10,7 +10,8 @@ bytes; their spike density) and update validation (`server.validation`): every t
 checked and decoded to full float32 weights against the global weights sent that round before the
 Flower strategy (or the DP wrapper, which clips against those same weights) sees it. Rejected
 replies are logged with node id and reason and left out; with fewer than `min-nodes` valid
-updates the round leaves the global model unchanged.
+updates, or an aggregate that is no usable model (non-finite, negative BN variances), the round
+leaves the global model unchanged.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from server.validation import Rejected, accept, as_flower_reply
+from server.validation import Rejected, accept, as_flower_reply, unusable
 from shared.config import RunConfig
 
 log = logging.getLogger("spikefed")
@@ -157,6 +158,11 @@ class RoundRecorder:
                         "stays unchanged", global_round, len(accepted), self.min_valid)
             return None, None
         arrays, metrics = super().aggregate_train(global_round, accepted)  # type: ignore[misc]
+        problem = unusable(arrays) if arrays is not None else None
+        if problem:
+            log.warning("round %d: the aggregate is not a usable model (%s): the global model "
+                        "stays unchanged", global_round, problem)
+            arrays = None
         stats.clients = len(accepted) if arrays is not None else 0  # Bulyan may decline
         if metrics is not None:
             stats.train_loss = _maybe_float(metrics.get("loss"))

@@ -147,3 +147,16 @@ def as_flower_reply(content: RecordDict, weights: ArrayRecord, metric_keys: set[
     content["arrays"] = weights
     content["metrics"] = MetricRecord({k: metrics[k] for k in metrics if k in metric_keys})
 
+
+
+def unusable(arrays: ArrayRecord) -> str | None:
+    """Why an aggregated global model cannot be used (None if it can): a non-finite value, or a
+    negative BatchNorm running variance. Each update was valid, but a non-robust strategy can
+    still combine hostile ones (a boosted update under FedAvg) into a broken model."""
+    for name, array in arrays.items():
+        value = array.numpy()
+        if not np.isfinite(value).all():
+            return f"{name} is not finite"
+        if name.endswith("running_var") and (value < 0).any():
+            return f"{name} has negative variances"
+    return None

@@ -213,3 +213,13 @@ def test_server_side_dp_clips_the_decoded_update_and_adds_noise():
     assert privacy["noise_stdev"] == pytest.approx(1.0 * clip / 3)
     assert privacy["num_sampled_clients"] == 3
     assert privacy_summary(RunConfig()) is None
+
+
+def test_an_unusable_aggregate_of_valid_updates_keeps_the_model(caplog):
+    strategy = strategy_for("fedavg", 3)
+    boosted = {"conv.weight": np.zeros((2, 3, 4)), "fc.bias": np.zeros(5),
+               "bn.running_var": np.full(2, -3.0)}  # each update valid, variances end up < 0
+    replies = [reply(content(boosted), i + 1) for i in range(3)]
+    assert strategy.aggregate_train(1, replies)[0] is None
+    assert strategy.rounds[1].clients == 0 and strategy.rounds[1].rejected == 0
+    assert "negative variances" in caplog.text
