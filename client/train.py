@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from shared.convert import param_groups
 from shared.neurocore import Accountant, ChipConfig
 from shared.snn import model_layout
 
@@ -29,10 +30,12 @@ class TrainResult:
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    """Adam or SGD; a QC-ANN's thresholds get a parameter group of their own (no weight decay)."""
+    groups = param_groups(model)
     if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr)
+        return torch.optim.Adam(groups, lr=lr)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     raise ValueError(f"unknown optimizer {name!r}; choose 'adam' or 'sgd'")
 
 

@@ -4,6 +4,7 @@
     runs/<name>/metrics.jsonl                                 one JSON object per finished round
     runs/<name>/summary.json                                  rounds, accuracy, history, config
     runs/<name>/neurocore/                                    chip report of the final model
+    runs/<name>/checkpoints/snn-round-NNN.safetensors         train-mode qann: converted SNN
 
 `Federation.run(grid)` drives the configured Flower strategy (`server.strategy`). After each round
 it evaluates the global model on the test split, writes the checkpoint atomically, appends the
@@ -11,7 +12,10 @@ round to metrics.jsonl and tells the observer. With `resume=True` it continues a
 checkpoint whose hash verifies (a corrupt newest one is skipped with a message) and keeps
 metrics.jsonl to the rounds before it, so no finished round is lost or repeated. At the end it
 profiles one training step of the final global model (a test batch of `batch-size`) on the
-configured chip (`shared.neurocore`) and writes that report to `neurocore/`.
+configured chip (`shared.neurocore`) and writes that report to `neurocore/`. In train-mode
+`qann` the global model is a clip-quantize ANN; after the last round it is converted to an SNN
+and calibrated on the train split (`shared.convert`), and summary.json's `conversion` block holds
+both accuracies.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +49,25 @@ class Observer(Protocol):
     def on_start(self, config: RunConfig, first_round: int, initial: dict[str, Any]) -> None: ...
     def on_round_start(self, stats: RoundStats) -> None: ...
     def on_round_end(self, entry: dict[str, Any]) -> None: ...
+
+
+class Observers:
+    """Several observers as one, called in order (e.g. the live display and the exporter)."""
+
+    def __init__(self, *observers: Observer | None) -> None:
+        self.observers = [o for o in observers if o is not None]
+
+    def on_start(self, config: RunConfig, first_round: int, initial: dict[str, Any]) -> None:
+        for observer in self.observers:
+            observer.on_start(config, first_round, initial)
+
+    def on_round_start(self, stats: RoundStats) -> None:
+        for observer in self.observers:
+            observer.on_round_start(stats)
+
+    def on_round_end(self, entry: dict[str, Any]) -> None:
+        for observer in self.observers:
+            observer.on_round_end(entry)
 
 
 def last_good_checkpoint(checkpoint_dir: Path) -> tuple[Path, dict, dict] | None:
@@ -84,6 +108,7 @@ class Federation:
         self.round_offset = 0
         self.last_checkpoint: Path | None = None
         self.chip_summary: dict[str, Any] | None = None  # the final chip report's totals
+        self.conversion: dict[str, Any] | None = None  # train-mode qann: the converted SNN
         if resume:
             self._resume()
         elif find_checkpoints(self.checkpoint_dir):
@@ -157,6 +182,8 @@ class Federation:
                 evaluate_config=ConfigRecord(config.to_flwr()),
                 evaluate_fn=self._evaluate_round,
             )
+        if config.train_mode == "qann" and self.history:
+            self.conversion = self._convert_global()
         self.chip_summary = self._write_chip_report()
         return self._write_summary(initial, time.perf_counter() - started)
 
@@ -186,6 +213,52 @@ class Federation:
             "gpu_dram_bytes": report.gpu_dram_bytes,
             "dram_reduction": report.dram_reduction,
             "report": str(out / "report.json"),
+        }
+
+    def _convert_global(self) -> dict[str, Any]:
+        """train-mode qann: convert the final global QC-ANN to an SNN of IF neurons at T =
+        time-steps, calibrate it (phase 2) on a calibration split of the *train* split, evaluate
+        it on the test split and checkpoint it beside the ANN as `snn-round-NNN.safetensors`."""
+        from shared.convert import dual_phase_convert
+        from shared.convert.phase2 import converted_metadata
+
+        config = self.config
+        calib_set = load_dataset(config.dataset, "train", data_dir=config.data_dir or None)
+        snn, report = dual_phase_convert(
+            self.model, calib_set, config.time_steps, seed=config.seed
+        )
+        loss, accuracy = evaluate_model(snn, self.test_set, config.eval_batch_size)
+        last = self.history[-1]
+        path = save_checkpoint(
+            self.checkpoint_dir / f"snn-round-{last['round']:03d}.safetensors",
+            snn.state_dict(),
+            {
+                "round": last["round"],
+                "accuracy": accuracy,
+                "loss": loss,
+                "ann_accuracy": last["accuracy"],
+                "model": self.spec,  # the QC-ANN it was converted from (build_from_spec)
+                "dataset": config.dataset,
+                "config": config.to_flwr(),
+                **converted_metadata(self.model, snn),
+                "stages": report.accuracy,
+            },
+        )
+        log.info("converted SNN (T=%d): accuracy %.4f, QC-ANN %.4f",
+                 config.time_steps, accuracy, last["accuracy"])
+        return {
+            "time_steps": config.time_steps,
+            "ann_accuracy": last["accuracy"],
+            "snn_accuracy": accuracy,
+            "snn_loss": loss,
+            "checkpoint": str(path),
+            "calibration_samples": report.calibration_samples,
+            "heldout_samples": report.heldout_samples,
+            "heldout_stage_accuracy": report.accuracy,
+            "layers": [
+                {"layer": b.layer, "before": asdict(b), "after": asdict(a)}
+                for b, a in zip(report.before, report.after, strict=True)
+            ],
         }
 
     def _evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -251,6 +324,7 @@ class Federation:
             ),
             "history": self.history,
             "neurocore": self.chip_summary,
+            "conversion": self.conversion,
             "config": self.config.to_flwr(),
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

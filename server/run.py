@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from server.cli import UserError, parse_overrides, user_errors
-from server.federation import Federation
+from server.federation import Federation, Observers
+from server.metrics import MetricsExporter, start_exporter
+from server.report import write_report
 from server.strategy import RoundStats
 from shared.byzantine import KINDS
 from shared.config import RunConfig
@@ -138,19 +141,21 @@ def simulate(
     "  spikefed-run --clients 3 --rounds 2 --out runs/quick\n\n"
     '  spikefed-run --run-config "strategy=fedmedian partitioning=iid time-steps=2"\n\n'
     '  spikefed-run --byzantine 1 --byzantine-kind sign-flip --run-config "strategy=krum"\n\n'
-    "  spikefed-run --out runs/quick --rounds 5 --resume"
+    "  spikefed-run --out runs/quick --rounds 5 --resume\n\n"
+    "  spikefed-run --metrics-port 9464 --metrics-linger 30   # then: spikefed-monitor\n\n"
+    "  spikefed-run --metrics-port 0                          # no metrics endpoint"
 )
 @user_errors
 def main(
     clients: Annotated[int, typer.Option(min=1, help="Simulated edge clients.")] = 5,
     rounds: Annotated[
-        int | None, typer.Option(min=1, help="Federated rounds [default: num-server-rounds]")
+        int | None, typer.Option(min=1, help="Federated rounds \\[default: num-server-rounds]")
     ] = None,
     run_config: Annotated[
         str, typer.Option("--run-config", help='Overrides, e.g. "time-steps=2 lr=0.001".')
     ] = "",
     out: Annotated[
-        Path | None, typer.Option(help="Run directory [default: runs/<date>-<time>].")
+        Path | None, typer.Option(help="Run directory \\[default: runs/<date>-<time>].")
     ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out after its last good checkpoint.")
@@ -166,6 +171,19 @@ def main(
     byzantine_kind: Annotated[
         str, typer.Option(help=f"What they send: {', '.join(KINDS)}.")
     ] = "sign-flip",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535,
+            help="Prometheus /metrics port; 0 turns it off (default: run config metrics-port, "
+            "9464, or a free port when that one is busy).",
+        ),
+    ] = None,
+    metrics_linger: Annotated[
+        float,
+        typer.Option(min=0, help="Seconds to keep serving the final metrics after the run, so "
+                     "that a scraper sees the last round (Ctrl-C ends it early)."),
+    ] = 0.0,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run the whole federation (server + simulated SNN edge clients) on this machine."""
@@ -180,16 +198,63 @@ def main(
     overrides.update({"min-clients": clients, "out-dir": str(out)})
     if rounds is not None:
         overrides["num-server-rounds"] = rounds
+    port_chosen = metrics_port is not None or "metrics-port" in overrides
+    if metrics_port is not None:
+        overrides["metrics-port"] = metrics_port
     config = RunConfig.parse(overrides)
     if config.min_nodes > clients:
         config = config.replace(min_nodes=clients)
     _quiet_frameworks(verbose)
+    steps = config.model_spec()["time_steps"]  # an event dataset brings its own T
+    trains = (f"QC-ANN {config.model} (L={steps}, converted to an IF SNN at the end)"
+              if config.train_mode == "qann"
+              else f"{config.model} ({config.neuron}, T={steps})")
     console.print(
-        f"[bold]spikefed[/] {config.model} ({config.neuron}, T={config.time_steps}) on "
+        f"[bold]spikefed[/] {trains} on "
         f"{config.dataset}: {clients} clients, {config.num_server_rounds} rounds, "
         f"{config.strategy}, {config.partitioning} partitions -> {out}"
         + (f"; {byzantine} byzantine ({byzantine_kind})" if byzantine else "")
     )
+    federation = Federation(config, out, resume=resume, byzantine_nodes=byzantine,
+                            byzantine_kind=byzantine_kind)
+    exporter = start_exporter(config, any_port_if_busy=not port_chosen)
+    if exporter is not None:
+        console.print(f"metrics: {exporter.url}  (watch: spikefed-monitor --url {exporter.url})")
+    try:
+        summary = _run_with_progress(federation, exporter, clients, cpus_per_client,
+                                     ray_address, verbose)
+        if summary["history"]:
+            console.print(summary_table(summary))
+        report = write_report(summary, out)
+        console.print(
+            f"final accuracy [bold]{summary['final_accuracy']:.2%}[/] after {summary['rounds']} "
+            f"rounds in {summary['duration_s']:.0f}s; summary: {out / 'summary.json'}, "
+            f"report: {report}"
+        )
+        conversion = summary.get("conversion")
+        if conversion:
+            console.print(
+                f"converted SNN (IF, T={conversion['time_steps']}): accuracy "
+                f"[bold]{conversion['snn_accuracy']:.2%}[/] (QC-ANN "
+                f"{conversion['ann_accuracy']:.2%}); checkpoint: {conversion['checkpoint']}"
+            )
+        if exporter is not None and metrics_linger > 0:
+            linger(exporter, metrics_linger)
+    finally:
+        if exporter is not None:
+            exporter.stop()
+
+
+def _run_with_progress(
+    federation: Federation,
+    exporter: MetricsExporter | None,
+    clients: int,
+    cpus_per_client: float,
+    ray_address: str | None,
+    verbose: bool,
+) -> dict[str, Any]:
+    """Simulate the federation under a live progress bar (and the exporter, when there is one)."""
+    config = federation.config
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -198,22 +263,30 @@ def main(
         console=console,
         transient=True,
     ) as progress:
-        observer = LiveProgress(progress, config.num_server_rounds)
-        federation = Federation(config, out, resume=resume, observer=observer,
-                                byzantine_nodes=byzantine, byzantine_kind=byzantine_kind)
-        summary = simulate(
+        federation.observer = Observers(LiveProgress(progress, config.num_server_rounds), exporter)
+        return simulate(
             federation,
             clients,
             cpus_per_client=cpus_per_client,
             ray_address=ray_address,
             verbose=verbose,
         )
-    if summary["history"]:
-        console.print(summary_table(summary))
-    console.print(
-        f"final accuracy [bold]{summary['final_accuracy']:.2%}[/] after {summary['rounds']} "
-        f"rounds in {summary['duration_s']:.0f}s; summary: {out / 'summary.json'}"
-    )
+
+
+def linger(exporter: MetricsExporter, seconds: float) -> None:
+    """Keep serving the final metrics for `seconds`; Ctrl-C or SIGTERM ends the wait quietly."""
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    console.print(f"serving the final metrics at {exporter.url} for {seconds:g}s (Ctrl-C ends it)")
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_cli() -> None:

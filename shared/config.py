@@ -80,6 +80,11 @@ class RunConfig(BaseModel):
     weight_bits: Literal[2, 3, 4, 5, 6, 7, 8, 32] = Field(
         4, description="integer weight bits of quantization-aware training; 32 = float"
     )
+    train_mode: Literal["snn", "qann"] = Field(
+        "snn",
+        description="snn: clients train the SNN; qann: clients train the clip-quantize ANN twin "
+        "(L = time-steps) and the server converts it to an SNN after the last round",
+    )
     # local training
     local_epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -91,6 +96,9 @@ class RunConfig(BaseModel):
     chip: str = Field("edge-int8", description="chip preset (shared.neurocore.PRESETS) or none")
     # outputs
     out_dir: str = "runs/default"
+    # the ServerApp's Prometheus endpoint (server.metrics); port 0 turns it off
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port; 0 = off")
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="address the endpoint binds")
 
     @field_validator("dataset")
     @classmethod
@@ -162,7 +170,10 @@ class RunConfig(BaseModel):
         return self.model_dump(by_alias=True)
 
     def model_spec(self) -> dict[str, Any]:
-        """Keyword arguments of `shared.snn.build_model` for this run's dataset and model."""
+        """Keyword arguments of `shared.snn.build_model` for this run's dataset and model.
+
+        An event dataset brings its own number of frames, which then overrides `time-steps`
+        (that key sets T for direct-coded images)."""
         from shared.data import dataset_info
 
         info = dataset_info(self.dataset)
@@ -171,11 +182,11 @@ class RunConfig(BaseModel):
             "in_channels": info.in_channels,
             "num_classes": info.num_classes,
             "input_size": info.input_size,
-            "time_steps": self.time_steps,
+            "time_steps": info.time_steps or self.time_steps,
             "neuron": self.neuron,
             "surrogate": self.surrogate,
             "weight_bits": self.weight_bits,
-        }
+        } | ({"train_mode": "qann"} if self.train_mode == "qann" else {})
 
     def replace(self, **changes: Any) -> RunConfig:
         return RunConfig.parse(self.to_flwr(), **changes)
@@ -183,11 +194,20 @@ class RunConfig(BaseModel):
 
 def build_from_spec(spec: Mapping[str, Any]) -> Any:
     """The model a run or checkpoint describes (`RunConfig.model_spec()`): `build_model`, then
-    quantization-aware (`shared.quant.quantize`) unless `weight_bits` is 32."""
+    quantization-aware (`shared.quant.quantize`) unless `weight_bits` is 32. With
+    `train_mode: qann`, the zoo model's ReLU twin with clip-quantize activations of
+    L = time_steps levels (`shared.convert`), its weights fake-quantized to `weight_bits`."""
     from shared.quant import quantize
     from shared.snn import build_model
 
     kwargs = dict(spec)
     bits = int(kwargs.pop("weight_bits", 32))
+    if kwargs.pop("train_mode", "snn") == "qann":
+        from shared.convert import build_ann, to_qc_ann
+
+        ann = build_ann(kwargs["name"], in_channels=kwargs["in_channels"],
+                        num_classes=kwargs["num_classes"], input_size=kwargs["input_size"],
+                        weight_bits=bits)
+        return to_qc_ann(ann, kwargs["time_steps"])
     model = build_model(**kwargs)
     return model if bits == 32 else quantize(model, bits)

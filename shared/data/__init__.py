@@ -1,7 +1,8 @@
 """Datasets and federated partitioning for spikefed.
 
 `load_dataset(name, split, data_dir)` gives a `TensorDataset(x, y)`: `x` float32
-`[N, C, H, W]` in [0, 1], `y` int64 class ids. `dataset_info(name)` gives its channels, class
+`[N, C, H, W]` in [0, 1] (event datasets such as `dvs-digits`: binary frames `[N, T, C, H, W]`),
+`y` int64 class ids. `dataset_info(name)` gives its channels, class
 count and image size without loading it. `partition_indices(labels, num_partitions,
 partition_id, scheme=..., alpha=..., seed=...)` gives the sorted sample indices one federated
 client trains on (IID or Dirichlet non-IID, via flwr-datasets). All failures raise

@@ -7,6 +7,9 @@ Every dataset yields `(x, y)`: `x` float32 `[N, C, H, W]` with pixel intensities
   stratified 4,000 train / 1,000 test with seed 0. `[N, 1, 28, 28]`, pixels / 255.
 - `digits`: scikit-learn's bundled 8x8 digits (1,797 images, values 0..16), split stratified
   80 % / 20 % with seed 0. `[N, 1, 8, 8]`, values / 16.
+- `dvs-digits`: event-camera recordings emulated from the mnist-subset digits (same 4,000 /
+  1,000 split, `shared.data.events`): `[N, T=8, 2, 32, 32]` float32 in {0, 1}, ON/OFF channels.
+  An event sample is `[T, C, H, W]`; `shared.snn.model_layout` turns a batch into `[T, B, ...]`.
 - `mnist`: the full MNIST read from `data_dir` in torchvision layout
   (`DIR/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`, optionally `.gz`, or the same
   files directly in `DIR`). `[N, 1, 28, 28]`, pixels / 255.
@@ -39,12 +42,14 @@ SPLITS = ("train", "test")
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Static shape facts of a dataset: images are `[in_channels, input_size, input_size]`."""
+    """Static shape facts of a dataset: images are `[in_channels, input_size, input_size]`
+    (event datasets: `[time_steps, in_channels, input_size, input_size]` per sample)."""
 
     name: str
     in_channels: int
     num_classes: int
     input_size: int
+    time_steps: int | None = None  # frames per sample of an event dataset; None for images
 
 
 _INFO = {
@@ -54,6 +59,7 @@ _INFO = {
         DatasetInfo("digits", 1, 10, 8),
         DatasetInfo("mnist", 1, 10, 28),
         DatasetInfo("cifar10", 3, 10, 32),
+        DatasetInfo("dvs-digits", 2, 10, 32, time_steps=8),
     )
 }
 KNOWN_DATASETS: tuple[str, ...] = tuple(_INFO)
@@ -115,6 +121,11 @@ def _layout_hint(name: str) -> str:
 def _load_tensors(name: str, split: str, data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     if name in ("mnist-subset", "digits"):
         return _bundled_splits(name)[split]
+    if name == "dvs-digits":
+        from shared.data.events import emulate_events
+
+        images, labels = _bundled_splits("mnist-subset")[split]
+        return emulate_events(images), labels.clone()
     assert data_dir is not None
     root = Path(data_dir)
     if not root.is_dir():

@@ -104,6 +104,8 @@ class IntegerModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         static = self._check_input(x)
         codes = x.to(torch.int32)
+        if not static:  # an event is a full-scale input: pixel code 255, as in training
+            codes = codes * 255
         steps = self.time_steps
         for node in self.graph:
             if node["op"] == "sumpool":

@@ -230,7 +230,8 @@ class QuantizedMixin:
         """Eval path: integer arithmetic on float32 tensors; returns logits (float32)."""
         steps = self.time_steps
         static = x.dim() == self.in_dims  # direct coding: one input for all T steps
-        codes = torch.round(x.clamp(0, 1) * PIXEL_LEVELS) if static else x.to(torch.float32)
+        # an event is a full-scale input (1.0), i.e. pixel code 255: one input unit for both
+        codes = torch.round(x.clamp(0, 1) * PIXEL_LEVELS) if static else x * PIXEL_LEVELS
         for stage in self.stages:
             if isinstance(stage, SumPool):  # spike counts of each 2x2 window (exact: sum/4*4)
                 codes = over_time(getattr(self, stage.name), codes) * 4

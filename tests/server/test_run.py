@@ -77,6 +77,11 @@ def test_three_clients_two_rounds_writes_run_directory(tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2]
     assert "final accuracy" in result.stdout
+    assert "metrics: http://127.0.0.1:" in result.stdout  # the exporter is on by default
+    assert all(e["rejected"] == 0 for e in summary["history"]) and summary["rejected_updates"] == 0
+    assert {p.name for p in (out / "plots").iterdir()} == {
+        "accuracy_loss.png", "energy_dram.png", "bytes.png"}
+    assert "](plots/accuracy_loss.png)" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -46,6 +46,8 @@ def test_model_spec_follows_the_dataset():
     spec = RunConfig.parse({"dataset": "digits", "model": "mlp"}).model_spec()
     assert spec == {"name": "mlp", "in_channels": 1, "num_classes": 10, "input_size": 8,
                     "time_steps": 4, "neuron": "lif", "surrogate": "atan", "weight_bits": 4}
+    events = RunConfig.parse({"dataset": "dvs-digits", "time-steps": 2}).model_spec()
+    assert (events["in_channels"], events["input_size"], events["time_steps"]) == (2, 32, 8)
 
 
 def test_weight_bits_selects_quantization_aware_or_float_models():

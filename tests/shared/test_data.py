@@ -344,3 +344,44 @@ def test_import_is_light() -> None:
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# --- dvs-digits (event-camera emulator) -------------------------------------------------------
+
+
+def test_dvs_digits_shapes_binary_and_labels_of_mnist_subset() -> None:
+    assert dataset_info("dvs-digits") == DatasetInfo("dvs-digits", 2, 10, 32, time_steps=8)
+    for split, n in (("train", 4000), ("test", 1000)):
+        x, y = load_dataset("dvs-digits", split).tensors
+        assert x.shape == (n, 8, 2, 32, 32) and x.dtype == torch.float32
+        assert ((x == 0) | (x == 1)).all()
+        assert torch.equal(y, load_dataset("mnist-subset", split).tensors[1])
+        density = x.mean((0, 1, 3, 4))
+        assert (density > 0.01).all() and (density < 0.2).all()  # ON and OFF events, sparse
+        assert (x.sum((1, 2, 3, 4)) > 0).all()  # every digit makes events
+        assert (x.mean((0, 2, 3, 4)) > 0.01).all()  # at every time step (the saccades move)
+
+
+def test_dvs_digits_is_deterministic_and_static_scenes_make_no_events() -> None:
+    from shared.data.events import emulate_events, saccade_path
+
+    images = load_dataset("mnist-subset", "test").tensors[0][:50]
+    first = emulate_events(images)
+    assert torch.equal(first, emulate_events(images))
+    assert torch.equal(first, load_dataset("dvs-digits", "test").tensors[0][:50])
+    path = saccade_path()
+    assert path.shape == (9, 2) and torch.allclose(path[0], path[-1], atol=1e-9)  # closed path
+    blank = emulate_events(torch.full((3, 1, 28, 28), 0.0))
+    assert blank.sum() == 0  # a dark scene never crosses a threshold
+    # events only where the moving digit changes the intensity: none far from its pixels
+    bright = images[0, 0] > 0
+    near = torch.nn.functional.max_pool2d(bright[None, None].float(), 7, 1, 3)[0, 0] > 0
+    near = torch.nn.functional.pad(near, (2, 2, 2, 2))
+    assert first[0][:, :, ~near].sum() == 0
+
+
+def test_dvs_digits_rejects_wrong_images() -> None:
+    from shared.data.events import emulate_events
+
+    with pytest.raises(ValueError, match=r"\[N, 1, 28, 28\]"):
+        emulate_events(torch.zeros(2, 28, 28))

@@ -115,6 +115,26 @@ def test_event_frames_are_bit_exact(name):
     assert_bit_exact(qat, engine, events.bool(), events)
 
 
+@pytest.mark.parametrize("name", ["csnn", "mlp"])
+def test_an_event_is_worth_a_full_scale_pixel(name):
+    """One event frame (T = 1) and the same binary image, direct-coded with T = 1, are the
+    same input to the model: training treats an event as 1.0, so must the integer path."""
+    torch.manual_seed(3)
+    model = build_model(name, in_channels=2, num_classes=10, input_size=16, time_steps=1)
+    qat = quantize(model, bits=4)
+    frames = (torch.rand(1, 32, 2, 16, 16) < 0.3).float()
+    with torch.no_grad():
+        for _ in range(30):  # BN running statistics of this input: the neurons fire
+            qat.train()(frames)
+    qat.eval()
+    with torch.no_grad():
+        as_events, as_image = qat(frames), qat(frames[0])
+    assert (as_image.std(0) > 0).any()  # the logits depend on the input
+    assert torch.equal(as_events, as_image)
+    engine = to_integer(qat)
+    assert torch.equal(engine(frames.to(torch.uint8)), engine(to_u8(frames[0])))
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(-(2**23), 2**23), min_size=1, max_size=64), st.integers(1, 8))
 def test_shift_is_floor_for_ints_and_floats(values, k):

@@ -1,0 +1,158 @@
+"""Dual-phase ANN->SNN conversion vs SpikingJelly 2.0's ann2snn, accuracy over time steps T.
+
+One run on mnist-subset: train the reference CNN of METHODS.md 1 (csnn topology with ReLU:
+conv3x3 1->16, BN, ReLU, avgpool2, conv3x3 16->32, BN, ReLU, avgpool2, fc) as a ReLU ANN; then
+for every T:
+
+- ours: `to_qc_ann(ann, T)` fine-tuned (phase 1, L = T), converted to IF neurons without
+  calibration ("phase 1") and with `dual_phase_convert` ("both phases"; 1024 + 256 calibration
+  images from the train split);
+- SpikingJelly 2.0: `ann2snn.Converter(RateCodingRecipe(mode="max" | "99.9%"))` on the same ReLU
+  ANN, simulated T steps on the analog input (its own example's protocol).
+
+Every accuracy is on the 1000 test images. Targets (issue 5): ours (both phases) within 0.5 point
+of its QC-ANN at every T >= 2, and at least 20 / 5 points above SpikingJelly's best at T = 2 / 4.
+
+    python bench/conversion.py [--time-steps 1,2,4,8,16] [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import print_table  # noqa: E402
+from shared.convert import (  # noqa: E402
+    build_ann,
+    convert,
+    dual_phase_convert,
+    param_groups,
+    to_qc_ann,
+)
+from shared.data import load_dataset  # noqa: E402
+from shared.evaluate import evaluate_model  # noqa: E402
+
+
+def train(model: nn.Module, data: TensorDataset, epochs: int, lr: float, seed: int) -> nn.Module:
+    """Adam on cross-entropy, batch 64; the QC thresholds in their own group (no decay)."""
+    x, y = data.tensors
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(param_groups(model), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * -(-len(y) // 64))
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for first in range(0, len(y), 64):
+            idx = order[first : first + 64]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def spikingjelly_curve(ann: nn.Module, train_set: TensorDataset, test_set: TensorDataset,
+                       mode: str, max_steps: int) -> list[float]:
+    """Test accuracy after 1..max_steps steps of SpikingJelly's rate-coding conversion."""
+    from spikingjelly.activation_based import ann2snn, functional
+
+    calib = DataLoader(TensorDataset(*(t[:1024] for t in train_set.tensors)), batch_size=128)
+    recipe = ann2snn.RateCodingRecipe(dataloader=calib, mode=mode)
+    snn = ann2snn.Converter(recipe=recipe, device="cpu").convert(copy.deepcopy(ann)).eval()
+    x_all, y_all = test_set.tensors
+    correct = torch.zeros(max_steps)
+    for first in range(0, len(y_all), 250):
+        x, y = x_all[first : first + 250], y_all[first : first + 250]
+        functional.reset_net(snn)
+        out = torch.zeros(len(y), 10)
+        for t in range(max_steps):
+            out += snn(x)
+            correct[t] += (out.argmax(1) == y).sum()
+    return (correct / len(y_all)).tolist()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--time-steps", default="1,2,4,8,16")
+    parser.add_argument("--ann-epochs", type=int, default=10)
+    parser.add_argument("--qc-epochs", type=int, default=4)
+    parser.add_argument("--calib-epochs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    try:
+        import spikingjelly  # noqa: F401
+    except ImportError:
+        print("SpikingJelly is not installed: pip install '.[bench]'", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    steps = [int(t) for t in args.time_steps.split(",")]
+    train_set = load_dataset("mnist-subset", "train")
+    test_set = load_dataset("mnist-subset", "test")
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    ann = train(build_ann("csnn", in_channels=1, num_classes=10, input_size=28), train_set,
+                args.ann_epochs, 2e-3, args.seed)
+    ann_acc = evaluate_model(ann, test_set)[1]
+    print(f"ReLU ANN: test accuracy {ann_acc:.2%} ({time.perf_counter() - started:.0f}s)")
+    sj = {mode: spikingjelly_curve(ann, train_set, test_set, mode, max(steps))
+          for mode in ("max", "99.9%")}
+    rows, results = [], []
+    for t in steps:
+        tick = time.perf_counter()
+        torch.manual_seed(args.seed)
+        qc_ann = train(to_qc_ann(ann, t), train_set, args.qc_epochs, 1e-3, args.seed + t)
+        qc_acc = evaluate_model(qc_ann, test_set)[1]
+        phase1 = evaluate_model(convert(qc_ann, t).eval(), test_set)[1]
+        snn, report = dual_phase_convert(qc_ann, train_set, t, epochs=args.calib_epochs,
+                                         stages=False, seed=args.seed)
+        both = evaluate_model(snn, test_set)[1]
+        sj_max, sj_pct = sj["max"][t - 1], sj["99.9%"][t - 1]
+        sj_best = max(sj_max, sj_pct)
+        results.append({"time_steps": t, "qc_ann": qc_acc, "ours_phase1": phase1,
+                        "ours_both": both, "spikingjelly_max": sj_max,
+                        "spikingjelly_99.9": sj_pct, "report": report.to_dict()})
+        rows.append([str(t), f"{qc_acc:.2%}", f"{phase1:.2%}", f"{both:.2%}",
+                     f"{(both - qc_acc) * 100:+.2f}", f"{sj_max:.2%}", f"{sj_pct:.2%}",
+                     f"{(both - sj_best) * 100:+.1f}"])
+        print(f"T={t}: done in {time.perf_counter() - tick:.0f}s", flush=True)
+        print(report.table(), flush=True)
+    print_table(
+        f"mnist-subset test accuracy, reference CNN (ReLU ANN {ann_acc:.2%})",
+        ["T", "QC-ANN", "ours phase 1", "ours both", "both - QC (pt)", "SJ max", "SJ 99.9%",
+         "ours - SJ best (pt)"],
+        rows,
+    )
+    by_t = {r["time_steps"]: r for r in results}
+    lossless = all(r["ours_both"] >= r["qc_ann"] - 0.005 for r in results if r["time_steps"] >= 2)
+    print(f"targets: within 0.5 pt of QC-ANN at every T >= 2: {'yes' if lossless else 'NO'}")
+    for t, margin in ((2, 0.20), (4, 0.05)):
+        if t in by_t:
+            r = by_t[t]
+            gap = r["ours_both"] - max(r["spikingjelly_max"], r["spikingjelly_99.9"])
+            print(f"targets: T={t} ours - SpikingJelly best = {gap * 100:+.1f} pt "
+                  f"(target >= +{margin * 100:.0f}): {'yes' if gap >= margin else 'NO'}")
+    print(f"total {time.perf_counter() - started:.0f}s")
+    if args.json:
+        args.json.write_text(json.dumps({"ann": ann_acc, "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""`spikefed-client`: one edge client, a Flower SuperNode that runs `client.app:app` for the server.
+
+Before starting the SuperNode it checks that the server answers on its `/health` endpoint (over TLS
+with `--ca-cert` unless `--insecure`), for at most `--connect-timeout` seconds: an unreachable
+server is one line on stderr and exit code 1, a certificate that does not verify is exit code 2.
+The SuperNode then gets the same bound (`--max-wait-time`), so a client that loses its server gives
+up instead of retrying forever. Its node config is `partition-id` + `num-partitions` (a share of a
+built-in dataset) or `data-dir` (the device's own data); the server sends everything else.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from shared.process import ProcessTree
+
+EXIT_UNREACHABLE = 1
+EXIT_USAGE = 2
+
+err_console = Console(stderr=True, highlight=False)
+cli = typer.Typer(add_completion=False, rich_markup_mode="rich")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ClientError(Exception):
+    """A one-line failure of `spikefed-client`, with its exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def one_line_errors(fn: F) -> F:
+    """Print a ClientError as one line on stderr and exit with its code (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as err:
+            err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+            sys.exit(err.code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def check_server_address(text: str) -> str:
+    """`HOST:PORT` or `[IPv6]:PORT`, as the SuperNode's `--superlink` expects it."""
+    if not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]/]+):\d{1,5}", text.strip()):
+        raise ClientError(f"--server '{text}' is not HOST:PORT (example: server.example.org:9092)")
+    return text.strip()
+
+
+def node_config(partition_id: int | None, num_partitions: int | None,
+                data_dir: Path | None) -> str:
+    """The SuperNode's `--node-config`: a partition of the built-in data, or a local directory."""
+    if data_dir is not None:
+        if partition_id is not None or num_partitions is not None:
+            raise ClientError("give either --data-dir or --partition-id/--num-partitions, not both")
+        if not data_dir.is_dir():
+            raise ClientError(f"--data-dir {data_dir} is not a directory")
+        path = str(data_dir.expanduser().resolve())
+        if re.search(r'[\s"\\]', path):
+            raise ClientError(f"--data-dir {path}: use a path without spaces, quotes, backslashes")
+        return f'data-dir="{path}"'
+    if partition_id is None or num_partitions is None:
+        raise ClientError("say which data this client trains on: --partition-id I --num-partitions "
+                          "N (a share of a built-in dataset) or --data-dir DIR")
+    if not 0 <= partition_id < num_partitions:
+        raise ClientError(f"--partition-id {partition_id} must be in 0..{num_partitions - 1} "
+                          f"(--num-partitions {num_partitions})")
+    return f"partition-id={partition_id} num-partitions={num_partitions}"
+
+
+def check_auth_key(path: Path) -> Path:
+    """An OpenSSH ECDSA private key (what `ssh-keygen -t ecdsa -b 384` or node-keys.sh writes)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    try:
+        key = load_ssh_private_key(path.read_bytes(), password=None)
+    except OSError as err:
+        raise ClientError(f"--auth-key {path}: {err.strerror}") from None
+    except (ValueError, TypeError) as err:
+        raise ClientError(f"--auth-key {path} is not an unencrypted OpenSSH private key "
+                          f"({err})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ClientError(f"--auth-key {path} is not an ECDSA key; create one with "
+                          "deploy/certs/node-keys.sh DIR N")
+    return path.resolve()
+
+
+def wait_for_server(server: str, ca_cert: Path | None, timeout_s: float) -> None:
+    """Poll `https://SERVER/health` (or http with --insecure) until it answers, at most
+    `timeout_s` seconds. Certificate errors fail at once: waiting would not fix them."""
+    scheme = "https" if ca_cert else "http"
+    url = f"{scheme}://{server}/health"
+    context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=max(0.5, min(5.0, timeout_s)),
+                                        context=context) as reply:
+                if reply.status == 200:
+                    return
+                last = f"HTTP {reply.status}"
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, ssl.SSLCertVerificationError):
+                raise ClientError(
+                    f"the server at {server} has a certificate that --ca-cert {ca_cert} does not "
+                    f"verify ({err.reason.verify_message}); use the ca.crt the server's "
+                    "certificates were made with, and a host name they list"
+                ) from None
+            last = str(err.reason)
+        except (OSError, ssl.SSLError) as err:
+            last = str(err)
+        if time.monotonic() >= deadline:
+            raise ClientError(
+                f"cannot reach the server at {server} after {timeout_s:g} s ({last}); check "
+                "--server, that spikefed-server runs there and that the port is open",
+                EXIT_UNREACHABLE,
+            )
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for the SuperNode's local Runtime API (so that several clients
+    can share a machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def supernode_command(server: str, ca_cert: Path | None, auth_key: Path | None, config: str,
+                      timeout_s: float) -> list[str]:
+    tool = Path(sys.executable).parent / "flower-supernode"
+    cmd = [str(tool) if tool.exists() else "flower-supernode", "--superlink", server]
+    cmd += ["--root-certificates", str(ca_cert)] if ca_cert else ["--insecure"]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    cmd += ["--node-config", config, "--port", str(free_port()),
+            "--max-wait-time", str(timeout_s)]
+    return cmd
+
+
+def _raise_on_sigterm() -> None:
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+class Attempt:
+    """One SuperNode process. Its log is held back until the server has activated the node (so
+    a refused attempt, retried, stays quiet) and copied to stdout from then on."""
+
+    ACTIVATED = "SuperNode ID:"
+
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        self.tree = ProcessTree(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.STDOUT, text=True, bufsize=1))
+        self.activated = False
+        self.held: list[str] = []
+        # the SuperNode's children inherit the pipe, so it may outlive the SuperNode: read it on
+        # the side and wait for the process itself
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.tree.proc.stdout is not None
+        for line in self.tree.proc.stdout:
+            if self.activated:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                continue
+            self.held.append(line)
+            if self.ACTIVATED in line:
+                self.activated = True
+                sys.stdout.writelines(self.held)
+                sys.stdout.flush()
+
+    def run(self) -> int:
+        code = self.tree.proc.wait()
+        self.tree.stop(grace_s=5.0)  # what it started, so that the pipe closes
+        self.reader.join(5.0)
+        return code
+
+    @property
+    def refused(self) -> bool:
+        """The server answered but would not activate the node (e.g. its key is unregistered)."""
+        return any("Failed to activate" in line for line in self.held)
+
+
+def run_supernode(cmd: list[str], env: dict[str, str], deadline: float, what: str) -> None:
+    """Run the SuperNode until it ends; a start the server refuses is retried until `deadline`
+    (the server registers node keys just after it comes up)."""
+    while True:
+        attempt = Attempt(cmd, env)
+        try:
+            code = attempt.run()
+        except KeyboardInterrupt:
+            attempt.tree.stop()
+            raise typer.Exit(130) from None
+        if code == 0:
+            return
+        if attempt.activated:
+            raise ClientError(f"the SuperNode stopped with exit code {code}: it lost the server "
+                              "for longer than --connect-timeout (see its log above)",
+                              EXIT_UNREACHABLE)
+        if time.monotonic() >= deadline:
+            if attempt.refused:
+                raise ClientError(f"the server refused this node ({what}); ask its operator to "
+                                  "register this node's public key (--auth-keys)",
+                                  EXIT_UNREACHABLE)
+            raise ClientError(f"the SuperNode could not join the server (exit code {code})",
+                              EXIT_UNREACHABLE)
+        time.sleep(1.0)
+
+
+@cli.command(
+    epilog="Examples:\n\n"
+    "  spikefed-client --server server.example.org:9092 --ca-cert certs/ca.crt "
+    "--partition-id 0 --num-partitions 5\n\n"
+    "  spikefed-client --server 10.0.0.5:9092 --ca-cert ca.crt --auth-key keys/node-1 "
+    "--data-dir /data/mnist\n\n"
+    "  spikefed-client --server 127.0.0.1:9092 --insecure --partition-id 1 --num-partitions 2"
+)
+@one_line_errors
+def main(
+    server: Annotated[str, typer.Option(help="HOST:PORT of spikefed-server.")],
+    ca_cert: Annotated[
+        Path | None, typer.Option(help="CA certificate that signed the server's (ca.crt).")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Connect without TLS (lab networks only).")
+    ] = False,
+    auth_key: Annotated[
+        Path | None, typer.Option(help="This node's private key, registered on the server.")
+    ] = None,
+    partition_id: Annotated[int | None, typer.Option(min=0, help="This node's partition.")] = None,
+    num_partitions: Annotated[int | None, typer.Option(min=1, help="Partitions in all.")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Train on this local dataset directory instead.")
+    ] = None,
+    connect_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds to keep trying to reach the server.")
+    ] = 60.0,
+) -> None:
+    """Start one edge client (a Flower SuperNode) that trains the spikefed SNN on its data."""
+    server = check_server_address(server)
+    if (ca_cert is None) == (not insecure):
+        raise ClientError("choose one of --ca-cert FILE (TLS, the default way) or --insecure")
+    if ca_cert is not None and not ca_cert.is_file():
+        raise ClientError(f"--ca-cert {ca_cert} is not a file (the server's ca.crt)")
+    if auth_key is not None and insecure:
+        raise ClientError("--auth-key needs TLS; use --ca-cert instead of --insecure")
+    config = node_config(partition_id, num_partitions, data_dir)
+    key = check_auth_key(auth_key) if auth_key is not None else None
+    ca = ca_cert.resolve() if ca_cert else None
+    if insecure:
+        err_console.print("[bold yellow]warning:[/] --insecure: traffic to the server is not "
+                          "encrypted", soft_wrap=True)
+    deadline = time.monotonic() + connect_timeout
+    wait_for_server(server, ca, connect_timeout)
+    env = {
+        **os.environ,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    print(f"spikefed-client: {config} -> {server}", flush=True)
+    _raise_on_sigterm()
+    what = f"key {auth_key}" if auth_key else "no --auth-key given"
+    run_supernode(supernode_command(server, ca, key, config, connect_timeout), env, deadline,
+                  what)
+
+
+def run_cli() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    run_cli()

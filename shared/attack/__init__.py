@@ -1,0 +1,39 @@
+"""Adversarial robustness of a (global) spiking net, from an attacker who knows the weights and
+neuron constants but not the training surrogate.
+
+    from shared.attack import fgsm, pgd, sda
+    x_adv = pgd(model, x, y, eps=8 / 255, grad="pdsg")          # images [B, C, H, W] in [0, 1]
+    result = sda(model, x_events, y)                            # one event sample [T, 1, C, H, W]
+    result.x_adv, result.success, result.l0, result.forward_passes, result.backward_passes
+
+- `estimators`: the spike-derivative estimators, `pdsg` and every `shared.snn.SURROGATES` name,
+  swapped into the victim only for the attack (`gradient_estimator`).
+- `gradient`: FGSM and PGD (L-inf) on the time-averaged logits.
+- `sparse`: SDA on binary event frames and the plain top-k gradient baseline.
+- `metrics`: success rate over correctly classified inputs, L0, budgets, passes.
+
+Every bad argument raises `AttackError` (a `ValueError`) with a one-line message.
+"""
+
+from .errors import AttackError
+from .estimators import ESTIMATORS, PDSG, get_estimator, gradient_estimator
+from .gradient import fgsm, pgd
+from .metrics import AttackSummary, gradient_attack_success, summarize_sparse
+from .sparse import SparseResult, margin, sda, topk_baseline
+
+__all__ = [
+    "ESTIMATORS",
+    "PDSG",
+    "AttackError",
+    "AttackSummary",
+    "SparseResult",
+    "fgsm",
+    "get_estimator",
+    "gradient_attack_success",
+    "gradient_estimator",
+    "margin",
+    "pgd",
+    "sda",
+    "summarize_sparse",
+    "topk_baseline",
+]

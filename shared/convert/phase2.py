@@ -1,0 +1,511 @@
+"""Phase 2 of dual-phase conversion: layer-wise calibration of the converted SNN, and its report.
+
+For every spiking layer, from the input side, on a calibration set drawn from training data
+(default 1024 images, plus 256 held out for early stopping and the report):
+
+  (a) shift: v_init += T * (mean QC-ANN activation - mean SNN rate) for each neuron (v_init
+      becomes a `[C, H, W]` / `[F]` tensor), so every neuron's mean output matches the ANN's;
+  (b) calibrate: fine-tune the layer's synaptic weight and bias and its v_init by BPTT through
+      the T steps (surrogate gradient), minimising KL(softmax(ANN activation) || softmax(SNN
+      rate)) over the channels (features) at each position, with Adam; the held-out KL after each
+      epoch decides early stopping and the kept state (never worse than before the epoch 0);
+  (c) shift again (the KL is blind to a common offset), kept only if the held-out KL does not
+      rise (so (b)'s gain is never given back).
+
+A layer whose held-out KL ends higher than before its phase 2 is restored (mean matching is not
+mean-absolute-error minimisation: at T = 2 a shift can move more neurons off the right count than
+onto it), so phase 2 never makes a layer worse on the held-out images.
+
+The SNN rate of a neuron with threshold theta and N spikes is theta * N / T. With z the mean input
+current of a neuron over the T steps, its error splits exactly into
+
+    clipping      ReLU(z) - clip(z, 0, theta)
+    quantization  clip(z, 0, theta) - QC_T(z)
+    residual      QC_T(z) - theta * N / T         (residual membrane potential, RMP)
+    total         ReLU(z) - theta * N / T         (= the sum of the three)
+
+`dual_phase_convert` reports their mean absolute values per layer before and after phase 2, the
+fraction of neurons whose final potential v_T (after the last reset) lies outside [0, theta) --
+with firing on `h >= theta` this is where a neuron started at theta/2 leaves the QC value, the
+(0, theta] of a `h > theta` neuron -- and the accuracy of each stage on the held-out images.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset
+
+from shared.snn import LIF, spiking_neurons
+
+from .qc import (
+    ConvertError,
+    QCActivation,
+    check_time_steps,
+    leaf_layers,
+    qc,
+    qc_activations,
+)
+from .snn import ConvertedBlock, ConvertedSNN, convert
+
+CALIB_SIZE = 1024
+HELDOUT_SIZE = 256
+STAGES = ("qc-ann", "converted", "potential-shift", "weight-calibration", "final")
+
+
+# -- error decomposition -----------------------------------------------------------------------
+def decompose_errors(
+    z_mean: Tensor, spike_count: Tensor, theta: float, time_steps: int
+) -> dict[str, Tensor]:
+    """The per-neuron errors (float64) of an IF layer with mean input current `z_mean` and
+    `spike_count` spikes in `time_steps` steps: clipping, quantization, residual, total."""
+    z = z_mean.double()
+    relu, clipped = z.clamp_min(0), z.clamp(0, theta)
+    quantized = qc(z, theta, time_steps)
+    rate = theta * (spike_count.double() / time_steps)  # as qc() multiplies: 0 when N matches
+    return {
+        "clipping": relu - clipped,
+        "quantization": clipped - quantized,
+        "residual": quantized - rate,
+        "total": relu - rate,
+    }
+
+
+@dataclass
+class LayerErrors:
+    """Mean absolute errors of one spiking layer (in activation units) on the held-out images."""
+
+    layer: str
+    theta: float
+    clipping: float
+    quantization: float
+    residual: float
+    total: float
+    outside: float  # fraction of neurons whose final potential lies outside [0, theta)
+    kl: float  # held-out KL(softmax(ANN activation) || softmax(SNN rate))
+
+
+@dataclass
+class ConversionReport:
+    time_steps: int
+    calibration_samples: int
+    heldout_samples: int
+    before: list[LayerErrors] = field(default_factory=list)  # converted, before phase 2
+    after: list[LayerErrors] = field(default_factory=list)  # after phase 2
+    accuracy: dict[str, float] = field(default_factory=dict)  # stage -> held-out accuracy
+    calibration: list[dict[str, Any]] = field(default_factory=list)  # per layer: epochs, KL
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """The per-layer errors before -> after phase 2 and the stage accuracies, as text."""
+        lines = [f"dual-phase conversion, T = {self.time_steps} "
+                 f"({self.calibration_samples} calibration + {self.heldout_samples} held-out)",
+                 f"{'layer':<16}{'theta':>7}{'|clip|':>9}{'|quant|':>9}"
+                 f"{'|RMP| before->after':>22}{'outside':>18}{'KL':>18}"]
+        for b, a in zip(self.before, self.after, strict=True):
+            lines.append(
+                f"{b.layer:<16}{b.theta:7.3f}{b.clipping:9.4f}{b.quantization:9.4f}"
+                f"{b.residual:>11.4f} ->{a.residual:7.4f}{b.outside:>9.3f} ->{a.outside:6.3f}"
+                f"{b.kl:>9.4f} ->{a.kl:7.4f}"
+            )
+        lines.append("accuracy: " + ", ".join(f"{k} {v:.2%}" for k, v in self.accuracy.items()))
+        return "\n".join(lines)
+
+
+# -- data --------------------------------------------------------------------------------------
+def _materialize(dataset: Dataset) -> tuple[Tensor, Tensor]:
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[0], dataset.tensors[1]
+    try:
+        items = [dataset[i] for i in range(len(dataset))]  # type: ignore[arg-type]
+        xs, ys = zip(*items, strict=True)
+    except (TypeError, ValueError):
+        raise ConvertError("calibration data must be a sized Dataset of (x, y) pairs") from None
+    return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys)
+
+
+def split_calibration(
+    dataset: Dataset, calib_size: int, heldout_size: int, seed: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_calib, y_calib, x_heldout, y_heldout), a seeded random split of `dataset`. A dataset
+    smaller than `calib_size + heldout_size` keeps a fifth (at least one sample) for held-out."""
+    x, y = _materialize(dataset)
+    n = len(y)
+    if n < 2:
+        raise ConvertError(f"calibration needs at least 2 samples, got {n}")
+    if n < calib_size + heldout_size:
+        heldout_size = max(1, n // 5)
+        calib_size = n - heldout_size
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    cal, held = order[:calib_size], order[calib_size : calib_size + heldout_size]
+    return x[cal].float(), y[cal], x[held].float(), y[held]
+
+
+def _batches(n: int, batch_size: int, order: Tensor | None = None) -> Iterable[Tensor]:
+    order = torch.arange(n) if order is None else order
+    for first in range(0, n, batch_size):
+        yield order[first : first + batch_size]
+
+
+# -- calibration units -------------------------------------------------------------------------
+@dataclass
+class Unit:
+    """One spiking layer and the synaptic layers feeding it (what phase 2 calibrates)."""
+
+    name: str
+    neuron: LIF
+    synapses: list[nn.Module]
+
+
+def calibration_units(snn: ConvertedSNN) -> list[Unit]:
+    units: list[Unit] = []
+    last_synapse: nn.Module | None = None
+    for key, layer in snn.layers.named_children():
+        if isinstance(layer, nn.Conv2d | nn.Linear):
+            last_synapse = layer
+        elif isinstance(layer, LIF):
+            units.append(Unit(f"layers.{key}", layer, [last_synapse] if last_synapse else []))
+        elif isinstance(layer, ConvertedBlock):
+            main = [layer.conv1]
+            units.append(Unit(f"layers.{key}.act1", layer.act1, main))
+            extra = [layer.shortcut] if isinstance(layer.shortcut, nn.Conv2d) else []
+            units.append(Unit(f"layers.{key}.act2", layer.act2, [layer.conv2, *extra]))
+    return units
+
+
+class _Stop(Exception):
+    def __init__(self, spikes: Tensor) -> None:
+        self.spikes = spikes
+
+
+def spikes_of(snn: ConvertedSNN, neuron: LIF, x: Tensor) -> Tensor:
+    """The `[T, B, ...]` spikes of `neuron` for input `x`; the forward stops right after it."""
+
+    def stop(_m: nn.Module, _a: tuple, spikes: Tensor) -> None:
+        raise _Stop(spikes)
+
+    handle = neuron.register_forward_hook(stop)
+    try:
+        snn(x)
+    except _Stop as done:
+        return done.spikes
+    finally:
+        handle.remove()
+    raise RuntimeError("the neuron was not reached in the forward pass")
+
+
+def _neuron_mean(t: Tensor) -> Tensor:
+    """Mean over the batch: one value per neuron, `[B, C, H, W]` -> `[C, H, W]`."""
+    return t.mean(0)
+
+
+def kl_loss(ann_act: Tensor, snn_rate: Tensor) -> Tensor:
+    """Mean over positions of KL(softmax(ANN) || softmax(SNN)) across channels (features)."""
+    channels = ann_act.shape[1]
+    a = ann_act.movedim(1, -1).reshape(-1, channels)
+    r = snn_rate.movedim(1, -1).reshape(-1, channels)
+    return F.kl_div(F.log_softmax(r, -1), F.log_softmax(a, -1), log_target=True,
+                    reduction="batchmean")
+
+
+# -- the phase-2 engine ------------------------------------------------------------------------
+class Calibrator:
+    """Holds the calibration data and the QC-ANN's activations on it (computed once)."""
+
+    def __init__(self, qc_ann: nn.Module, time_steps: int, data: tuple[Tensor, ...], *,
+                 batch_size: int, epochs: int, patience: int, lr: float, seed: int) -> None:
+        self.ann = qc_ann
+        self.time_steps = time_steps
+        self.x_cal, self.y_cal, self.x_held, self.y_held = data
+        self.batch_size, self.epochs, self.patience, self.lr = batch_size, epochs, patience, lr
+        self.seed = seed
+        self._cache: dict[str, Tensor] = {}
+        names = [name for name, _ in qc_activations(qc_ann)]
+        self.targets_cal = self._activations(self.x_cal, names)
+        self.targets_held = self._activations(self.x_held, names)
+
+    @torch.no_grad()
+    def _activations(self, x: Tensor, names: list[str]) -> list[Tensor]:
+        acts: dict[str, list[Tensor]] = {n: [] for n in names}
+        modules = dict(self.ann.named_modules())
+        handles = [modules[n].register_forward_hook(
+            lambda _m, _a, out, n=n: acts[n].append(out.detach())) for n in names]
+        try:
+            for idx in _batches(len(x), self.batch_size * 4):
+                self.ann(x[idx])
+        finally:
+            for h in handles:
+                h.remove()
+        return [torch.cat(acts[n]) for n in names]
+
+    @torch.no_grad()
+    def accuracy(self, model: nn.Module) -> float:
+        correct = 0
+        for idx in _batches(len(self.y_held), self.batch_size * 4):
+            correct += int((model(self.x_held[idx]).argmax(1) == self.y_held[idx]).sum())
+        return correct / len(self.y_held)
+
+    def _rate(self, snn: ConvertedSNN, unit: Unit, split: str, idx: Tensor) -> Tensor:
+        """theta * N / T of `unit` for samples `idx` of split "cal" or "held"."""
+        cache = self._cache.get(split)
+        if cache is None:
+            x = self.x_cal if split == "cal" else self.x_held
+            spikes = spikes_of(snn, unit.neuron, x[idx])
+        else:
+            u, steps = cache[:, idx], self.time_steps
+            current = unit.synapses[0](u.flatten(0, 1)).unflatten(0, u.shape[:2])
+            spikes = unit.neuron(current.expand(steps, *current.shape[1:]))
+        return unit.neuron.threshold * spikes.mean(0)
+
+    @torch.no_grad()
+    def cache_inputs(self, snn: ConvertedSNN, unit: Unit) -> None:
+        """Keep the input of the synapse feeding `unit` for every calibration sample (it does not
+        change while the unit is calibrated), when the synapse feeds the neuron directly; each
+        step then runs only that synapse and neuron instead of the network up to them."""
+        self._cache = {}
+        layers = list(snn.layers)
+        if not (len(unit.synapses) == 1 and unit.neuron in layers):
+            return  # a residual block's neuron: run the network up to it each time
+        j = layers.index(unit.neuron)
+        if layers[j - 1] is not unit.synapses[0]:
+            return
+        head = j - 1 < snn.n_head
+        for split, x in (("cal", self.x_cal), ("held", self.x_held)):
+            parts: list[Tensor] = []
+
+            def keep(_m: nn.Module, args: tuple, parts: list[Tensor] = parts) -> None:
+                u = args[0]
+                parts.append(u.unsqueeze(0) if head else u.unflatten(0, (self.time_steps, -1)))
+
+            handle = unit.synapses[0].register_forward_pre_hook(keep)
+            try:
+                for idx in _batches(len(x), self.batch_size * 2):
+                    spikes_of(snn, unit.neuron, x[idx])
+            finally:
+                handle.remove()
+            self._cache[split] = torch.cat(parts, 1)
+
+    @torch.no_grad()
+    def shift(self, snn: ConvertedSNN, unit: Unit, k: int) -> float:
+        """Step (a); returns the mean |shift| applied to v_init."""
+        diff = None
+        for idx in _batches(len(self.x_cal), self.batch_size * 2):
+            d = _neuron_mean(self.targets_cal[k][idx] - self._rate(snn, unit, "cal", idx))
+            diff = d * len(idx) if diff is None else diff + d * len(idx)
+        delta = self.time_steps * diff / len(self.x_cal)
+        v_init = unit.neuron.v_init
+        unit.neuron.v_init = nn.Parameter(v_init.detach() + delta)
+        return float(delta.abs().mean())
+
+    @torch.no_grad()
+    def heldout_kl(self, snn: ConvertedSNN, unit: Unit, k: int) -> float:
+        total = 0.0
+        for idx in _batches(len(self.x_held), self.batch_size * 2):
+            rate = self._rate(snn, unit, "held", idx)
+            total += float(kl_loss(self.targets_held[k][idx], rate)) * len(idx)
+        return total / len(self.x_held)
+
+    def calibrate(self, snn: ConvertedSNN, unit: Unit, k: int) -> dict[str, Any]:
+        """Step (b): BPTT on the layer's weight, bias and v_init with early stopping."""
+        params = [p for s in unit.synapses for p in s.parameters()] + [unit.neuron.v_init]
+        for p in snn.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=self.lr)
+        best = self.heldout_kl(snn, unit, k)
+        start_kl, best_state, best_epoch, bad = best, [p.detach().clone() for p in params], 0, 0
+        generator = torch.Generator().manual_seed(self.seed + k)
+        epochs_run = 0
+        for epoch in range(1, self.epochs + 1):
+            epochs_run = epoch
+            order = torch.randperm(len(self.x_cal), generator=generator)
+            for idx in _batches(len(self.x_cal), self.batch_size, order):
+                loss = kl_loss(self.targets_cal[k][idx], self._rate(snn, unit, "cal", idx))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            kl = self.heldout_kl(snn, unit, k)
+            if kl < best:
+                best, best_epoch, bad = kl, epoch, 0
+                best_state = [p.detach().clone() for p in params]
+            else:
+                bad += 1
+                if bad >= self.patience:
+                    break
+        with torch.no_grad():
+            for p, kept in zip(params, best_state, strict=True):
+                p.copy_(kept)
+        for p in snn.parameters():
+            p.requires_grad_(True)
+        return {"kl_start": start_kl, "kl_best": best, "best_epoch": best_epoch,
+                "epochs": epochs_run}
+
+    def run(self, snn: ConvertedSNN, steps: tuple[str, ...]) -> list[dict[str, Any]]:
+        """Apply `steps` ("shift", "calibrate") to every layer in turn, from the input side."""
+        log = []
+        for k, unit in enumerate(calibration_units(snn)):
+            entry: dict[str, Any] = {"layer": unit.name}
+            self.cache_inputs(snn, unit)
+            kl_before = self.heldout_kl(snn, unit, k)
+            saved = [copy.deepcopy(s.state_dict()) for s in unit.synapses]
+            v_init_before = nn.Parameter(unit.neuron.v_init.detach().clone())
+            for i, step in enumerate(steps):
+                if step == "shift" and i > 0:  # (c): kept only if the held-out KL does not rise
+                    kl, v_init = self.heldout_kl(snn, unit, k), unit.neuron.v_init
+                    entry[f"shift_{i}"] = self.shift(snn, unit, k)
+                    if self.heldout_kl(snn, unit, k) > kl:
+                        unit.neuron.v_init, entry[f"shift_{i}"] = v_init, 0.0
+                elif step == "shift":
+                    entry[f"shift_{i}"] = self.shift(snn, unit, k)
+                else:
+                    entry.update(self.calibrate(snn, unit, k))
+            entry["reverted"] = self.heldout_kl(snn, unit, k) > kl_before
+            if entry["reverted"]:  # phase 2 made this layer worse on held-out images: undo it
+                for synapse, state in zip(unit.synapses, saved, strict=True):
+                    synapse.load_state_dict(state)
+                unit.neuron.v_init = v_init_before
+            log.append(entry)
+        self._cache = {}
+        return log
+
+    @torch.no_grad()
+    def errors(self, snn: ConvertedSNN) -> list[LayerErrors]:
+        """Per-layer mean |errors|, final-potential fraction and KL on the held-out images."""
+        units = calibration_units(snn)
+        sums = [dict.fromkeys(("clipping", "quantization", "residual", "total", "outside"), 0.0)
+                for _ in units]
+        counts = [0] * len(units)
+        z_means: dict[int, Tensor] = {}
+        spikes: dict[int, Tensor] = {}
+        handles = []
+        for k, unit in enumerate(units):
+            unit.neuron.record_membrane = True
+            handles.append(unit.neuron.register_forward_pre_hook(
+                lambda _m, args, k=k: z_means.__setitem__(k, args[0].mean(0))))
+            handles.append(unit.neuron.register_forward_hook(
+                lambda _m, _a, s, k=k: spikes.__setitem__(k, s)))
+        try:
+            for idx in _batches(len(self.x_held), self.batch_size * 2):
+                snn(self.x_held[idx])
+                for k, unit in enumerate(units):
+                    theta, s = unit.neuron.threshold, spikes[k]
+                    err = decompose_errors(z_means[k], s.sum(0), theta, self.time_steps)
+                    for key, value in err.items():
+                        sums[k][key] += float(value.abs().sum())
+                    v_final = unit.neuron.membrane[-1] - theta * s[-1]
+                    sums[k]["outside"] += float(((v_final < 0) | (v_final >= theta)).sum())
+                    counts[k] += s[0].numel()
+        finally:
+            for h in handles:
+                h.remove()
+            for unit in units:
+                unit.neuron.record_membrane = False
+                unit.neuron.membrane = None
+        return [
+            LayerErrors(layer=u.name, theta=u.neuron.threshold,
+                        **{key: v / counts[k] for key, v in sums[k].items()},
+                        kl=self.heldout_kl(snn, u, k))
+            for k, u in enumerate(units)
+        ]
+
+
+def dual_phase_convert(
+    qc_ann: nn.Module,
+    calib_dataset: Dataset,
+    time_steps: int,
+    *,
+    calib_size: int = CALIB_SIZE,
+    heldout_size: int = HELDOUT_SIZE,
+    epochs: int = 20,
+    patience: int = 3,
+    lr: float = 5e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    stages: bool = True,
+) -> tuple[ConvertedSNN, ConversionReport]:
+    """Convert a QC-ANN to an SNN of IF neurons and calibrate it (phase 2); `qc_ann` is untouched.
+
+    `calib_dataset` yields (image, label) pairs from training data (never test data); it is split
+    into `calib_size` calibration and `heldout_size` held-out samples (a fifth held out when it is
+    smaller). With `stages`, the accuracies after the potential shift alone and after shift +
+    weight calibration are measured on copies run with only those steps (one more calibration
+    pass). Returns the SNN (eval mode; `snn(x)` as for `build_model` models) and the report.
+    """
+    check_time_steps(time_steps)
+    ann = copy.deepcopy(qc_ann).eval()
+    for name, layer in leaf_layers(ann):
+        if isinstance(layer, nn.ReLU):
+            raise ConvertError(f"layer '{name}' is a ReLU, not a clip-quantize activation; "
+                               "call to_qc_ann(model, time_steps) and fine-tune it first")
+    if not qc_activations(ann):
+        raise ConvertError("the model has no clip-quantize activation; call to_qc_ann first")
+    data = split_calibration(calib_dataset, calib_size, heldout_size, seed)
+    in_dims = data[0].dim()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        snn = convert(ann, time_steps, in_dims).eval()
+        calib = Calibrator(ann, time_steps, data, batch_size=batch_size, epochs=epochs,
+                           patience=patience, lr=lr, seed=seed)
+        report = ConversionReport(time_steps, len(data[1]), len(data[3]))
+        report.accuracy["qc-ann"] = calib.accuracy(ann)
+        report.accuracy["converted"] = calib.accuracy(snn)
+        report.before = calib.errors(snn)
+        if stages:
+            for stage, steps in (("potential-shift", ("shift",)),
+                                 ("weight-calibration", ("shift", "calibrate"))):
+                partial = copy.deepcopy(snn)
+                calib.run(partial, steps)
+                report.accuracy[stage] = calib.accuracy(partial)
+        report.calibration = calib.run(snn, ("shift", "calibrate", "shift"))
+        report.accuracy["final"] = calib.accuracy(snn)
+        report.after = calib.errors(snn)
+    return snn.eval(), report
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def converted_metadata(qc_ann: nn.Module, snn: ConvertedSNN) -> dict[str, Any]:
+    """What `load_converted` needs besides the spec of the QC-ANN: T, input rank, the thresholds
+    (they set the neurons and the scales folded into the SNN) and each v_init's shape."""
+    return {
+        "kind": "converted-snn",
+        "time_steps": snn.time_steps,
+        "in_dims": snn.in_dims,
+        "thresholds": {name: float(m.theta.detach()) for name, m in qc_activations(qc_ann)},
+    }
+
+
+def load_converted(
+    qc_ann: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any]
+) -> ConvertedSNN:
+    """Rebuild a converted SNN from its checkpoint: `qc_ann` is a fresh QC-ANN of the same
+    architecture (e.g. `build_from_spec(meta["model"])`), `tensors` / `meta` the checkpoint's."""
+    if meta.get("kind") != "converted-snn":
+        raise ConvertError("checkpoint is not a converted SNN (metadata kind != converted-snn)")
+    ann = copy.deepcopy(qc_ann)
+    modules = dict(ann.named_modules())
+    with torch.no_grad():
+        for name, theta in meta["thresholds"].items():
+            if not isinstance(modules.get(name), QCActivation):
+                raise ConvertError(f"checkpoint threshold for '{name}', not a QC activation here")
+            modules[name].theta.fill_(theta)
+    snn = convert(ann.eval(), int(meta["time_steps"]), int(meta["in_dims"]))
+    for name, neuron in spiking_neurons(snn):
+        key = f"{name}.v_init"
+        if key in tensors:
+            neuron.v_init = nn.Parameter(torch.empty_like(tensors[key]))
+    result = snn.load_state_dict(tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConvertError(f"checkpoint does not fit the converted model: missing "
+                           f"{result.missing_keys}, unexpected {result.unexpected_keys}")
+    return snn.eval()
+
+

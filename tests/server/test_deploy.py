@@ -1,0 +1,282 @@
+"""spikefed-server + spikefed-client for real: a Flower SuperLink and SuperNodes as separate
+processes on 127.0.0.1 (random free ports), TLS from deploy/certs/generate.sh, node keys from
+deploy/certs/node-keys.sh; every process tree is stopped by the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.checkpoint import find_checkpoints, load_checkpoint
+from shared.process import ProcessTree, descendants, kill_all
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ("dataset=digits model=mlp time-steps=2 local-epochs=1 chip=none fraction-evaluate=0.0 "
+        "round-timeout=120.0")
+HANG_GUARD_S = 400.0  # a bound on waiting, so that a broken run fails instead of hanging
+
+
+SCRIPT_ENV = {**os.environ, "PYTHON": sys.executable}  # for keys.py where openssl/ssh are missing
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def env_for(home: Path) -> dict[str, str]:
+    return {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "200"}
+
+
+class Fleet:
+    """Starts spikefed commands as process trees with their output in log files; kills them all."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.trees: dict[str, ProcessTree] = {}
+
+    def start(self, name: str, module: str, *args: str) -> ProcessTree:
+        log = (self.root / f"{name}.log").open("w")
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
+                                env=env_for(self.root / f"home-{name}"), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.trees[name] = ProcessTree(proc, every_s=0.5)
+        return self.trees[name]
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def crash(self, name: str) -> None:
+        """SIGKILL a command and everything it started, at once (a power cut, not a shutdown)."""
+        tree = self.trees[name]
+        tree.refresh()
+        pids = [tree.pid, *descendants(tree.pid), *tree.seen]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        tree.proc.wait()
+        kill_all(pids, grace_s=5.0)
+
+    def wait_for(self, what: str, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + HANG_GUARD_S
+        while not done():
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {n}\n{self.log(n)[-3000:]}" for n in self.trees)
+                pytest.fail(f"gave up waiting for {what}\n{logs}")
+            time.sleep(0.5)
+
+    def stop_all(self) -> None:
+        for tree in self.trees.values():
+            tree.stop(grace_s=5.0)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    fleet = Fleet(tmp_path)
+    yield fleet
+    fleet.stop_all()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("certs") / "tls"
+    subprocess.run([str(REPO / "deploy/certs/generate.sh"), str(out)], check=True,
+                   capture_output=True, env=SCRIPT_ENV)
+    return out
+
+
+def rounds_in(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["round"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def finished(tree: ProcessTree) -> Callable[[], bool]:
+    return lambda: tree.proc.poll() is not None
+
+
+@pytest.mark.slow
+def test_tls_federation_with_node_auth_survives_a_lost_client_and_refuses_a_stranger(
+    fleet: Fleet, certs: Path, tmp_path: Path
+):
+    keys, registered = tmp_path / "keys", tmp_path / "registered"
+    subprocess.run([str(REPO / "deploy/certs/node-keys.sh"), str(keys), "4"], check=True,
+                   capture_output=True, env=SCRIPT_ENV)
+    registered.mkdir()
+    for i in (1, 2, 3):  # node-4 is never registered
+        (registered / f"node-{i}.pub").write_bytes((keys / f"node-{i}.pub").read_bytes())
+    port, out = free_port(), tmp_path / "run"
+    server = fleet.start(
+        "server", "server.deploy", "--address", f"127.0.0.1:{port}", "--tls-dir", str(certs),
+        "--auth-keys", str(registered), "--rounds", "3", "--min-clients", "2", "--out", str(out),
+        "--run-config", TINY,
+    )
+    for i in (1, 2, 3, 4):
+        fleet.start(
+            f"client{i}", "client.cli", "--server", f"127.0.0.1:{port}", "--ca-cert",
+            str(certs / "ca.crt"), "--auth-key", str(keys / f"node-{i}"), "--partition-id",
+            str(i - 1), "--num-partitions", "3" if i < 4 else "4",
+            # registered nodes retry until the server has registered their keys
+            "--connect-timeout", "120" if i < 4 else "20",
+        )
+    fleet.wait_for("round 1", lambda: 1 in rounds_in(out) or server.proc.poll() is not None)
+    assert "SuperNode ID" in fleet.log("client3")  # it had joined before it is lost
+    fleet.crash("client3")
+    fleet.wait_for("the server to finish", finished(server))
+
+    assert server.proc.returncode == 0, fleet.log("server")[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    history = summary["history"]
+    assert [e["round"] for e in history] == [1, 2, 3] == rounds_in(out)
+    assert history[0]["clients"] >= 2
+    assert history[-1]["clients"] == 2  # the lost client no longer contributes
+    assert all(e["bytes_up"] > 0 for e in history)
+    assert [p.name for p in find_checkpoints(out / "checkpoints")][-1] == "round-003.safetensors"
+    deployment = json.loads((out / "deployment.json").read_text())
+    assert deployment["status"] == "finished:completed"
+    assert deployment["network-traffic"]["total-bytes"] > 0
+    assert "final accuracy" in fleet.log("server")
+
+    stranger = fleet.trees["client4"]
+    fleet.wait_for("the unregistered client to give up", finished(stranger))
+    assert stranger.proc.returncode != 0
+    assert "refused this node" in fleet.log("client4")
+    assert "SuperNode ID" not in fleet.log("client4")  # never activated
+    assert "Traceback" not in fleet.log("client4")
+
+
+@pytest.mark.slow
+def test_server_killed_after_round_1_resumes_with_every_round_once(fleet: Fleet, tmp_path: Path):
+    port, out = free_port(), tmp_path / "run"
+    server_args = ["--address", f"127.0.0.1:{port}", "--insecure", "--rounds", "2",
+                   "--min-clients", "2", "--out", str(out), "--run-config", TINY]
+    server = fleet.start("server", "server.deploy", *server_args)
+    for i in (0, 1):
+        fleet.start(f"client{i}", "client.cli", "--server", f"127.0.0.1:{port}", "--insecure",
+                    "--partition-id", str(i), "--num-partitions", "2", "--connect-timeout", "120")
+    fleet.wait_for("round 1", lambda: 1 in rounds_in(out) or server.proc.poll() is not None)
+    fleet.crash("server")
+    assert rounds_in(out) == [1] and not (out / "summary.json").exists()  # killed mid-run
+    assert "warning" in fleet.log("server") and "--insecure" in fleet.log("server")
+
+    refused = fleet.start("server-no-resume", "server.deploy", *server_args)
+    fleet.wait_for("the plain restart to refuse", finished(refused))
+    assert refused.proc.returncode == 2 and "--resume" in fleet.log("server-no-resume")
+    resumed = fleet.start("server-resumed", "server.deploy", *server_args, "--resume")
+    fleet.wait_for("the resumed server to finish", finished(resumed))
+
+    assert resumed.proc.returncode == 0, fleet.log("server-resumed")[-4000:]
+    assert rounds_in(out) == [1, 2]  # round 1 not repeated, round 2 done once
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e["round"] for e in summary["history"]] == [1, 2]
+    _, meta = load_checkpoint(out / "checkpoints" / "round-002.safetensors")
+    assert meta["round"] == 2 and meta["accuracy"] == summary["final_accuracy"]
+    assert "(resuming)" in fleet.log("server-resumed")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        ([], "--tls-dir DIR"),
+        (["--insecure", "--tls-dir", "."], "choose one of"),
+        (["--tls-dir", "/nonexistent"], "lacks ca.crt, server.pem, server.key"),
+        (["--insecure", "--auth-keys", "."], "--auth-keys needs TLS"),
+        (["--insecure", "--run-config", "time-step=4"], "unknown key 'time-step'"),
+        (["--insecure", "--resume"], "no valid checkpoint"),
+        (["--insecure", "--address", "nowhere"], "not HOST:PORT"),
+    ],
+)
+def test_server_usage_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], needle):
+    from typer.testing import CliRunner
+
+    from server.deploy import cli
+
+    base = {"--address": "127.0.0.1:1", "--rounds": "1", "--min-clients": "1",
+            "--out": str(tmp_path / "run")}
+    for flag in args:
+        base.pop(flag, None)
+    argv = [x for kv in base.items() for x in kv] + args
+    result = CliRunner().invoke(cli, argv, env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1
+    assert not (tmp_path / "run" / "superlink").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("backend", ["openssl", "python"])
+def test_generate_sh_writes_a_ca_and_a_server_certificate_for_the_hosts(tmp_path: Path, backend):
+    import ssl
+
+    from cryptography import x509
+
+    env = {**SCRIPT_ENV, "SPIKEFED_CERTS_WITH": backend}
+    out = tmp_path / "tls"
+    script = str(REPO / "deploy/certs/generate.sh")
+    subprocess.run([script, str(out), "fl.example.org", "10.1.2.3"], check=True,
+                   capture_output=True, env=env)
+    context = ssl.create_default_context(cafile=str(out / "ca.crt"))
+    context.load_cert_chain(str(out / "server.pem"), str(out / "server.key"))  # key matches
+    cert = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"fl.example.org", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
+    assert {"10.1.2.3", "127.0.0.1"} <= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    again = subprocess.run([script, str(out)], capture_output=True, text=True, env=env)
+    assert again.returncode == 2 and "already holds" in again.stderr  # never overwrites
+
+
+@pytest.mark.parametrize("backend", ["ssh-keygen", "python"])
+def test_node_keys_sh_writes_ecdsa_p384_openssh_key_pairs(tmp_path: Path, backend):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
+
+    env = {**SCRIPT_ENV, "SPIKEFED_CERTS_WITH": backend}
+    subprocess.run([str(REPO / "deploy/certs/node-keys.sh"), str(tmp_path), "2"], check=True,
+                   capture_output=True, env=env)
+    for i in (1, 2):
+        private = load_ssh_private_key((tmp_path / f"node-{i}").read_bytes(), password=None)
+        public = load_ssh_public_key((tmp_path / f"node-{i}.pub").read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        assert private.curve.name == "secp384r1"
+        assert private.public_key().public_numbers() == public.public_numbers()
+
+
+def test_resume_check_skips_a_corrupt_newest_checkpoint_with_a_message(tmp_path: Path, caplog):
+    import torch
+
+    from server.cli import UserError
+    from server.deploy import check_out_dir
+    from shared.checkpoint import save_checkpoint
+
+    out = tmp_path / "run"
+    for r in (1, 2):
+        save_checkpoint(out / "checkpoints" / f"round-{r:03d}.safetensors",
+                        {"w": torch.full((3,), float(r))}, {"round": r})
+    newest = out / "checkpoints" / "round-002.safetensors"
+    newest.write_bytes(newest.read_bytes()[:40])  # cut short by a crash
+    with caplog.at_level("WARNING"):
+        assert check_out_dir(out, resume=True) == 1  # continues after round 1
+    assert "round-002.safetensors" in caplog.text and "corrupt" in caplog.text
+    with pytest.raises(UserError, match="already holds a run"):
+        check_out_dir(out, resume=False)
+    assert check_out_dir(tmp_path / "fresh", resume=False) == 0
