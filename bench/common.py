@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def busy_cpu_seconds() -> float | None:
@@ -59,7 +64,9 @@ def alternate(
     return rates, others
 
 
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+def print_table(
+    title: str, header: list[str], rows: list[list[str]], width: int | None = None
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -68,7 +75,7 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
         table.add_column(h, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    Console(width=width).print(table)
 
 
 def warn_if_busy(others: list[float], threshold: float = 0.2) -> None:
@@ -76,3 +83,22 @@ def warn_if_busy(others: list[float], threshold: float = 0.2) -> None:
     if others and statistics.median(others) > threshold:
         print(f"warning: other processes kept {statistics.median(others):.2f} cores busy; "
               "rerun on a quiet machine")
+
+
+def spikefed_run(out: str, *args: str, reuse: bool = False) -> dict:
+    """Run `spikefed-run --out OUT ARGS...` in a fresh process (its own Ray session) and return
+    its summary.json; a failed run raises with the command's last output lines. With `reuse`, a
+    finished run already in OUT (same arguments, recorded in OUT/bench-args.json) is not redone."""
+    record = Path(out) / "bench-args.json"
+    if reuse and record.is_file() and json.loads(record.read_text()) == list(args):
+        return json.loads((Path(out) / "summary.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)  # a stale or unfinished run of this bench
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "server.run", "--out", out, *args]
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-5:])
+        raise RuntimeError(f"{' '.join(cmd[2:])} failed ({result.returncode}):\n{tail}")
+    record.write_text(json.dumps(list(args)))
+    return json.loads((Path(out) / "summary.json").read_text())

@@ -2,13 +2,15 @@
 
 Every message carries the global weights ("arrays") and the server's resolved run config ("config"),
 so the node needs nothing but its node config: `partition-id` + `num-partitions` (simulation and
-partitioned deployments) or `data-dir` (a device with its own local dataset).
+partitioned deployments) or `data-dir` (a device with its own local dataset). A train reply carries
+the update compressed to `update-bits` integer codes (`update_records`) and a MetricRecord.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import TensorDataset
 
@@ -17,6 +19,7 @@ from shared.config import RunConfig, build_from_spec
 from shared.data import load_dataset, partition_indices
 from shared.evaluate import evaluate_model
 from shared.neurocore import ChipConfig
+from shared.quant.update import FULL_PRECISION, EncodedTensor, encode_update
 from shared.snn import federated_state, load_federated_state, model_layout, spike_density
 
 app = ClientApp()
@@ -50,18 +53,39 @@ def node_data(config: RunConfig, node_config: dict, split: str) -> TensorDataset
     return TensorDataset(x[idx], y[idx])
 
 
-def _setup(msg: Message) -> tuple[RunConfig, torch.nn.Module, int]:
+def _setup(msg: Message) -> tuple[RunConfig, torch.nn.Module, int, dict[str, torch.Tensor]]:
     raw = dict(msg.content["config"])
     server_round = int(raw.pop("server-round", 0))
     config = RunConfig.parse(raw)
     model = build_from_spec(config.model_spec())
-    load_federated_state(model, msg.content["arrays"].to_torch_state_dict())
-    return config, model, server_round
+    received = msg.content["arrays"].to_torch_state_dict()
+    load_federated_state(model, received)
+    return config, model, server_round, received
+
+
+def update_records(
+    state: dict[str, torch.Tensor], received: dict[str, torch.Tensor], bits: int
+) -> dict[str, ArrayRecord | ConfigRecord]:
+    """The reply's update for the trained `state`. With `bits` = 32 the float32 weights ("arrays");
+    otherwise the update (`state` minus `received`, the global weights this round started from) as
+    packed integer codes per tensor ("arrays", uint8; float32 deltas for BN running statistics)
+    and their power-of-two scales ("update-scales"), see `shared.quant.update`. The server
+    decodes before aggregating."""
+    if bits == FULL_PRECISION:
+        return {"arrays": ArrayRecord(state)}
+    encoded = encode_update(state, received, bits)
+    arrays, scales = {}, {}
+    for name, e in encoded.items():
+        if isinstance(e, EncodedTensor):
+            arrays[name], scales[name] = Array(np.asarray(e.packed)), e.scale
+        else:
+            arrays[name] = Array(np.asarray(e))
+    return {"arrays": ArrayRecord(arrays), "update-scales": ConfigRecord(scales)}
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config, model, server_round = _setup(msg)
+    config, model, server_round, received = _setup(msg)
     data = node_data(config, context.node_config, "train")
     node_key = int(context.node_config.get("partition-id", context.node_id % 1_000_003))
     node_seed = config.seed * 1_000_003 + server_round * 1_009 + node_key
@@ -96,14 +120,13 @@ def train(msg: Message, context: Context) -> Message:
         values.update(
             {"energy-j": result.energy_j, "cycles": result.cycles, "dram-bytes": result.dram_bytes}
         )
-    metrics = MetricRecord(values)
-    arrays = ArrayRecord(federated_state(model))
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    records = update_records(federated_state(model), received, config.update_bits)
+    return Message(RecordDict({**records, "metrics": MetricRecord(values)}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config, model, _ = _setup(msg)
+    config, model, _, _ = _setup(msg)
     data = node_data(config, context.node_config, "test")
     loss, accuracy = evaluate_model(model, data, config.eval_batch_size)
     metrics = MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": len(data)})

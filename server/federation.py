@@ -32,7 +32,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from server.cli import RunError
-from server.strategy import RoundStats, make_strategy
+from server.strategy import RoundStats, make_strategy, privacy_summary
+from shared.byzantine import KIND_KEY, NODES_KEY, check_kind
 from shared.checkpoint import CheckpointError, find_checkpoints, load_checkpoint, save_checkpoint
 from shared.config import RunConfig, build_from_spec
 from shared.data import load_dataset
@@ -89,8 +90,13 @@ class Federation:
         *,
         resume: bool = False,
         observer: Observer | None = None,
+        byzantine_nodes: int = 0,
+        byzantine_kind: str = "sign-flip",
     ) -> None:
+        """`byzantine_nodes` > 0 (simulation only, with the `client.byzantine:app` component) asks
+        the nodes with partition-id < that number to send `byzantine_kind` updates."""
         self.config = config
+        self.byzantine = (byzantine_nodes, check_kind(byzantine_kind)) if byzantine_nodes else None
         self.out_dir = Path(out_dir or config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.observer = observer
@@ -164,12 +170,15 @@ class Federation:
             if self.observer:
                 strategy.on_round_start = self.observer.on_round_start
             self._strategy = strategy
+            train_config = config.to_flwr()
+            if self.byzantine:
+                train_config.update({NODES_KEY: self.byzantine[0], KIND_KEY: self.byzantine[1]})
             strategy.start(
                 grid=grid,
                 initial_arrays=ArrayRecord(federated_state(self.model)),
                 num_rounds=remaining,
                 timeout=config.round_timeout,
-                train_config=ConfigRecord(config.to_flwr()),
+                train_config=ConfigRecord(train_config),
                 evaluate_config=ConfigRecord(config.to_flwr()),
                 evaluate_fn=self._evaluate_round,
             )
@@ -278,6 +287,7 @@ class Federation:
             "clients": stats.clients,
             "failed": stats.failed,
             "rejected": stats.rejected,
+            "rejected_reasons": dict(stats.rejected_reasons),
             "bytes_up": stats.bytes_up,
             "bytes_down": stats.bytes_down,
             "energy_j": stats.energy_j,
@@ -303,11 +313,15 @@ class Federation:
             "final_accuracy": last["accuracy"],
             "final_loss": last["loss"],
             "best_accuracy": max((e["accuracy"] for e in self.history), default=None),
-            "rejected_updates": sum(e.get("rejected", 0) for e in self.history),
             "initial": initial,
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "duration_s": seconds,
             "model": self.spec,
+            "rejected_updates": sum(int(e.get("rejected", 0)) for e in self.history),
+            "privacy": privacy_summary(self.config),
+            "byzantine": (
+                {"nodes": self.byzantine[0], "kind": self.byzantine[1]} if self.byzantine else None
+            ),
             "history": self.history,
             "neurocore": self.chip_summary,
             "conversion": self.conversion,

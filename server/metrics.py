@@ -44,14 +44,15 @@ from prometheus_client.exposition import generate_latest
 
 from server.cli import RunError
 from server.strategy import RoundStats
+from server.validation import REASONS
 from shared.config import RunConfig
 
 log = logging.getLogger("spikefed")
 
 UPDATE_STATUSES = ("accepted", "rejected", "failed")
 DIRECTIONS = ("up", "down")
-# validation reasons known at start (server update validation); others are added on first use
-KNOWN_REASONS = ("non-finite", "shape", "range", "norm", "decode", "other")
+# the update validation's reasons, created at start so they read 0; others added on first use
+KNOWN_REASONS = (*REASONS, "other")
 MAX_REASONS = 16
 DEFAULT_PORT: int = RunConfig.model_fields["metrics_port"].default
 ROUND_SECONDS_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)

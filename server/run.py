@@ -32,9 +32,11 @@ from server.federation import Federation, Observers
 from server.metrics import MetricsExporter, start_exporter
 from server.report import write_report
 from server.strategy import RoundStats
+from shared.byzantine import KINDS
 from shared.config import RunConfig
 
 CLIENT_APP = "client.app:app"
+BYZANTINE_CLIENT_APP = "client.byzantine:app"  # the honest app behind a fault-injecting mod
 
 console = Console(highlight=False)
 cli = typer.Typer(add_completion=False, rich_markup_mode="rich")
@@ -63,6 +65,7 @@ class LiveProgress:
             f"round {entry['round']:>3}/{self.total}  accuracy {entry['accuracy']:7.2%}  "
             f"loss {entry['loss']:.3f}  clients {entry['clients']}"
             + (f" ({entry['failed']} failed)" if entry["failed"] else "")
+            + (f" ({entry['rejected']} rejected)" if entry.get("rejected") else "")
             + f"  {entry['duration_s']:.1f}s"
         )
         self.progress.update(self.task, advance=1, description="evaluated")
@@ -70,7 +73,7 @@ class LiveProgress:
 
 def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title="spikefed run", title_justify="left")
-    for col in ("round", "accuracy", "loss", "clients", "MB up", "MB down", "seconds"):
+    for col in ("round", "accuracy", "loss", "clients", "rejected", "MB up", "MB down", "seconds"):
         table.add_column(col, justify="right")
     for e in summary["history"]:
         table.add_row(
@@ -78,6 +81,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
             f"{e['accuracy']:.2%}",
             f"{e['loss']:.3f}",
             str(e["clients"]),
+            str(e.get("rejected", 0)),
             f"{e['bytes_up'] / 1e6:.2f}",
             f"{e['bytes_down'] / 1e6:.2f}",
             f"{e['duration_s']:.1f}",
@@ -123,9 +127,10 @@ def simulate(
         init_args["logging_level"] = "error"
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs asked for
+    component = BYZANTINE_CLIENT_APP if federation.byzantine else CLIENT_APP
     run_simulation(
         server_app=server_app,
-        client_app=load_app(CLIENT_APP, UserError),
+        client_app=load_app(component, UserError),
         num_supernodes=num_clients,
         backend_config={
             "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
@@ -143,6 +148,7 @@ def simulate(
     "  spikefed-run\n\n"
     "  spikefed-run --clients 3 --rounds 2 --out runs/quick\n\n"
     '  spikefed-run --run-config "strategy=fedmedian partitioning=iid time-steps=2"\n\n'
+    '  spikefed-run --byzantine 1 --byzantine-kind sign-flip --run-config "strategy=krum"\n\n'
     "  spikefed-run --out runs/quick --rounds 5 --resume\n\n"
     "  spikefed-run --metrics-port 9464 --metrics-linger 30   # then: spikefed-monitor\n\n"
     "  spikefed-run --metrics-port 0                          # no metrics endpoint"
@@ -166,6 +172,13 @@ def main(
     ray_address: Annotated[
         str | None, typer.Option(help="Join this Ray cluster instead of starting one.")
     ] = None,
+    byzantine: Annotated[
+        int,
+        typer.Option(min=0, help="Simulated clients (partition-id < K) that send bad updates."),
+    ] = 0,
+    byzantine_kind: Annotated[
+        str, typer.Option(help=f"What they send: {', '.join(KINDS)}.")
+    ] = "sign-flip",
     metrics_port: Annotated[
         int | None,
         typer.Option(
@@ -187,6 +200,10 @@ def main(
     """Run the whole federation (server + simulated SNN edge clients) on this machine."""
     if resume and out is None:
         raise UserError("--resume needs --out, the run directory to continue")
+    if byzantine > clients:
+        raise UserError(f"--byzantine {byzantine} exceeds --clients {clients}")
+    if byzantine_kind not in KINDS:
+        raise UserError(f"--byzantine-kind {byzantine_kind!r}: choose one of {', '.join(KINDS)}")
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     overrides = parse_overrides(run_config)
     overrides.update({"min-clients": clients, "out-dir": str(out)})
@@ -207,8 +224,10 @@ def main(
         f"[bold]spikefed[/] {trains} on "
         f"{config.dataset}: {clients} clients, {config.num_server_rounds} rounds, "
         f"{config.strategy}, {config.partitioning} partitions -> {out}"
+        + (f"; {byzantine} byzantine ({byzantine_kind})" if byzantine else "")
     )
-    federation = Federation(config, out, resume=resume)
+    federation = Federation(config, out, resume=resume, byzantine_nodes=byzantine,
+                            byzantine_kind=byzantine_kind)
     exporter = start_exporter(config, any_port_if_busy=not port_chosen)
     if exporter is not None:
         console.print(f"metrics: {exporter.url}  (watch: spikefed-monitor --url {exporter.url})")

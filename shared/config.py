@@ -40,9 +40,9 @@ class RunConfig(BaseModel):
 
     # federation
     num_server_rounds: int = Field(10, ge=1, description="federated rounds")
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum"] = (
-        "fedavg"
-    )
+    strategy: Literal[
+        "fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"
+    ] = "fedavg"
     min_clients: int = Field(2, ge=1, description="nodes that must be connected before a round")
     fraction_train: float = Field(1.0, gt=0, le=1, description="share of nodes sampled a round")
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="nodes asked to evaluate")
@@ -50,8 +50,23 @@ class RunConfig(BaseModel):
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal term weight")
     trimmed_beta: float = Field(0.2, gt=0, lt=0.5, description="FedTrimmedAvg cut per side")
-    krum_malicious: int = Field(1, ge=0, description="Krum: tolerated malicious nodes")
+    krum_malicious: int = Field(
+        1, ge=0, description="Krum, Multi-Krum, Bulyan: tolerated malicious nodes"
+    )
     server_lr: float = Field(0.01, gt=0, description="FedAdam server learning rate (eta)")
+    # the uplink and what the server accepts from it (server.validation)
+    update_bits: Literal[2, 3, 4, 5, 6, 7, 8, 32] = Field(
+        8, description="bits per code of the compressed update; 32 = send float32 weights"
+    )
+    max_update_norm: float = Field(
+        0.0, ge=0, description="reject updates whose L2 norm exceeds this; 0 = no limit"
+    )
+    dp_noise_multiplier: float = Field(
+        0.0, ge=0, description="server-side DP: Gaussian noise std / clipping norm"
+    )
+    dp_clipping_norm: float = Field(
+        0.0, ge=0, description="server-side DP: clip each update to this L2 norm; 0 = DP off"
+    )
     # data
     dataset: str = "mnist-subset"
     data_dir: str = Field("", description="local directory for datasets that need one")
@@ -111,6 +126,18 @@ class RunConfig(BaseModel):
             raise ValueError("resnet-mini trains in float only: set weight-bits=32")
         return self
 
+    @model_validator(mode="after")
+    def _robust_and_private(self) -> RunConfig:
+        if self.dp_noise_multiplier > 0 and self.dp_clipping_norm == 0:
+            raise ValueError("dp-noise-multiplier needs dp-clipping-norm > 0 (the noise scale)")
+        needed = 4 * self.krum_malicious + 3
+        if self.strategy == "bulyan" and self.min_clients < needed:
+            raise ValueError(
+                f"bulyan with krum-malicious={self.krum_malicious} needs at least {needed} "
+                "clients (4f + 3); add clients or lower krum-malicious"
+            )
+        return self
+
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None = None, **overrides: Any) -> RunConfig:
         """Validate a run-config mapping (kebab-case keys) plus keyword overrides."""
@@ -128,7 +155,10 @@ class RunConfig(BaseModel):
             return cls.model_validate(values)
         except ValidationError as err:
             first = err.errors()[0]
-            key = ".".join(str(p) for p in first["loc"]) or "?"
+            if not first["loc"]:  # a rule across keys (model validator)
+                message = first["msg"].removeprefix("Value error, ")
+                raise ConfigError(f"run config: {message}") from None
+            key = ".".join(str(p) for p in first["loc"])
             bad = values.get(key, first.get("input"))
             raise ConfigError(
                 f"run config: {key}={bad!r} is not allowed: {first['msg']} "

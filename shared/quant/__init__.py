@@ -5,10 +5,21 @@ The lifecycle has three visible stages, as in torch.ao:
     qat = quantize(build_model("csnn", ...), bits=4)    # train as usual (float shadow weights)
     engine = to_integer(qat)                            # integers only: codes, shifts, thresholds
     logits = engine(x_uint8) * engine.output_scale      # == qat.eval()(x_uint8 / 255), exactly
+
+The same power-of-two quantizer (`pow2_codes`) compresses the clients' weight updates for the
+uplink (`shared.quant.update`: per-tensor scale, `update-bits` packed codes).
 """
 
 from .engine import IntegerModel, load_integer, save_integer, to_integer
-from .fake import QLIF, QConv2d, QLinear, QuantError, fake_quant_weight, weight_codes
+from .fake import (
+    QLIF,
+    QConv2d,
+    QLinear,
+    QuantError,
+    fake_quant_weight,
+    pow2_codes,
+    weight_codes,
+)
 from .qat import QuantizedMixin, fold_readout, fold_spiking, quantize
 
 __all__ = [
@@ -22,6 +33,7 @@ __all__ = [
     "fold_readout",
     "fold_spiking",
     "load_integer",
+    "pow2_codes",
     "quantize",
     "save_integer",
     "to_integer",

@@ -49,14 +49,27 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def pow2_codes(x: Tensor, bits: int, *, per_channel: bool) -> tuple[Tensor, Tensor]:
+    """(x_int, e): the symmetric narrow-range power-of-two quantizer of this module's docstring.
+
+    Codes (a float tensor of integers in [-q, q]) and exponents, one per output channel (dim 0)
+    with `per_channel`, else one for the whole tensor (0-d). The same quantizer encodes weights
+    for QAT and weight updates for the uplink (`shared.quant.update`), so there is one rounding
+    rule, not two.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    x = x.detach()
+    max_abs = x.abs().flatten(1).amax(1) if per_channel else x.abs().amax()
+    exponent = torch.ceil(torch.log2(max_abs.clamp_min(2.0**-60) / qmax))
+    scale = torch.exp2(exponent)
+    if per_channel:
+        scale = scale.view(-1, *([1] * (x.dim() - 1)))
+    return torch.clamp(torch.round(x / scale), -qmax, qmax), exponent
+
+
 def weight_codes(weight: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """(w_int, e): integer codes (float tensor) and per-output-channel exponents, for `weight`."""
-    qmax = 2 ** (bits - 1) - 1
-    w = weight.detach()
-    max_abs = w.abs().flatten(1).amax(1).clamp_min(2.0**-60)
-    exponent = torch.ceil(torch.log2(max_abs / qmax))
-    scale = torch.exp2(exponent).view(-1, *([1] * (w.dim() - 1)))
-    return torch.clamp(torch.round(w / scale), -qmax, qmax), exponent
+    return pow2_codes(weight, bits, per_channel=True)
 
 
 def fake_quant_weight(weight: Tensor, bits: int) -> Tensor:

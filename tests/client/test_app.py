@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
@@ -13,6 +14,7 @@ from client.train import train_local
 from shared.config import RunConfig, build_from_spec
 from shared.data import load_dataset
 from shared.neurocore import ChipConfig
+from shared.quant.update import decode_tensor, decode_update
 from shared.snn import federated_state
 
 CONFIG = RunConfig.parse({"dataset": "digits", "time-steps": 2, "local-epochs": 1,
@@ -51,10 +53,42 @@ def test_train_reply_has_arrays_and_metrics():
     assert metrics["energy-j"] > 0 and metrics["cycles"] > 0 and metrics["dram-bytes"] > 0
     expected = len(node_data(CONFIG, {"partition-id": 1, "num-partitions": 3}, "train"))
     assert metrics["num-examples"] == expected
-    trained = reply.content["arrays"].to_torch_state_dict()
     before = federated_state(model)
-    assert trained.keys() == before.keys()
-    assert not torch.equal(trained["conv1.weight"], before["conv1.weight"])  # it trained
+    codes, scales = reply.content["arrays"], reply.content["update-scales"]
+    assert set(codes) == set(before)  # update-bits=8: codes + a scale per tensor, BN statistics
+    assert set(scales) == {k for k in before if "running" not in k}  # as float32 deltas
+    assert all(codes[k].dtype == "uint8" and codes[k].shape == (before[k].numel(),)
+               for k in scales)
+    assert all(codes[k].dtype == "float32" for k in set(before) - set(scales))
+    delta = decode_tensor(codes["conv1.weight"].numpy(), scales["conv1.weight"],
+                          tuple(before["conv1.weight"].shape), 8)
+    assert np.abs(delta).max() > 0  # it trained
+
+
+def decoded_update(reply: Message, before: dict, bits: int) -> dict[str, np.ndarray]:
+    if bits == 32:
+        trained = reply.content["arrays"].to_torch_state_dict()
+        return {k: (trained[k] - before[k]).numpy() for k in before}
+    arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+    shapes = {k: tuple(v.shape) for k, v in before.items()}
+    return decode_update(arrays, dict(reply.content["update-scales"]), shapes, bits)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compressed_update_decodes_to_the_float_update_within_half_a_step(bits):
+    node = context({"partition-id": 0, "num-partitions": 3})
+    float_config = CONFIG.replace(update_bits=32)
+    model = fresh_model()
+    before = federated_state(model)
+    exact = decoded_update(app(instruction("train", model, float_config), node), before, 32)
+    config = CONFIG.replace(update_bits=bits)
+    reply = app(instruction("train", fresh_model(), config), node)  # same seeds, same training
+    approx = decoded_update(reply, before, bits)
+    for name in before:
+        scale = reply.content["update-scales"].get(name, 0.0)  # statistics: float32, exact
+        assert np.abs(approx[name] - exact[name]).max() <= scale / 2 + 1e-6
+    float_bytes = sum(len(a.data) for a in reply.content["arrays"].values())
+    assert float_bytes < sum(v.numel() for v in before.values()) * bits / 8 + 200 * len(before)
 
 
 def test_evaluate_reply_on_local_test_partition():

@@ -12,7 +12,8 @@ import pytest
 from shared.checkpoint import find_checkpoints, load_checkpoint
 
 HISTORY_KEYS = {"round", "accuracy", "loss", "clients", "bytes_up", "bytes_down", "energy_j",
-                "cycles", "dram_bytes", "duration_s"}
+                "cycles", "dram_bytes", "duration_s", "rejected"}
+SMALL = "dataset=digits time-steps=2 local-epochs=1 chip=none"
 
 
 def spikefed_run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -29,6 +30,10 @@ def spikefed_run(*args: str, timeout: float = 600) -> subprocess.CompletedProces
         (["--run-config", "dataset=imagenet"], "unknown dataset 'imagenet'"),
         (["--run-config", "dataset=mnist data-dir=/nonexistent/dir"], "/nonexistent/dir"),
         (["--resume"], "--resume needs --out"),
+        (["--clients", "2", "--byzantine", "3"], "--byzantine 3 exceeds --clients 2"),
+        (["--byzantine", "1", "--byzantine-kind", "flip"], "choose one of nan, sign-flip"),
+        (["--run-config", "strategy=bulyan"], "bulyan with krum-malicious=1 needs at least 7"),
+        (["--run-config", "dp-noise-multiplier=1"], "needs dp-clipping-norm > 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, needle):
@@ -146,3 +151,32 @@ def test_resume_continues_after_last_good_checkpoint(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [e["round"] for e in summary["history"]] == [1, 2, 3]
     load_checkpoint(out / "checkpoints" / "round-002.safetensors")  # rewritten, valid again
+
+
+@pytest.mark.slow
+def test_nan_client_is_rejected_every_round_and_the_run_finishes(tmp_path):
+    out = tmp_path / "nan"
+    result = spikefed_run("--clients", "3", "--rounds", "2", "--out", str(out),
+                          "--byzantine", "1", "--byzantine-kind", "nan", "--run-config", SMALL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rejected_updates"] == 2
+    assert summary["byzantine"] == {"nodes": 1, "kind": "nan"}
+    for entry in summary["history"]:
+        assert entry["clients"] == 2 and entry["rejected"] == 1
+        assert entry["rejected_reasons"] == {"non-finite": 1}
+    assert summary["final_accuracy"] > summary["initial"]["accuracy"]  # the others still learn
+    assert "rejected the update of node" in result.stderr
+
+
+@pytest.mark.slow
+def test_round_with_every_update_rejected_keeps_the_global_model(tmp_path):
+    out = tmp_path / "all-nan"
+    result = spikefed_run("--clients", "2", "--rounds", "1", "--out", str(out),
+                          "--byzantine", "2", "--byzantine-kind", "nan", "--run-config", SMALL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    (entry,) = summary["history"]
+    assert entry["rejected"] == 2 and entry["clients"] == 0
+    assert entry["loss"] == summary["initial"]["loss"]  # the very same model, evaluated again
+    assert entry["accuracy"] == summary["initial"]["accuracy"]

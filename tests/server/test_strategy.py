@@ -11,6 +11,15 @@ from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, Record
 from server.strategy import make_strategy
 from shared.config import RunConfig
 
+SENT = {"w": np.ones(4, dtype=np.float32)}  # the global weights of the round
+
+
+def float_strategy(raw: dict):
+    """A strategy whose clients send float32 weights (update-bits=32), told what it sent."""
+    strategy = make_strategy(RunConfig.parse({**raw, "update-bits": 32}))
+    strategy.expect(ArrayRecord({k: Array(v) for k, v in SENT.items()}))
+    return strategy
+
 
 def replies(values: list[float], round_: int = 1) -> list[Message]:
     """Fresh train replies whose single array is filled with each value (one reply per value)."""
@@ -34,11 +43,12 @@ def replies(values: list[float], round_: int = 1) -> list[Message]:
 @pytest.mark.parametrize(
     ("name", "robust"),
     [("fedavg", False), ("fedprox", False), ("fedadam", False), ("fedmedian", True),
-     ("fedtrimmedavg", True), ("krum", True)],
+     ("fedtrimmedavg", True), ("krum", True), ("multikrum", True)],
 )
 def test_strategies_aggregate_and_robust_ones_resist_an_outlier(name, robust):
-    config = RunConfig.parse({"strategy": name, "min-clients": 5})
+    config = RunConfig.parse({"strategy": name, "min-clients": 5, "update-bits": 32})
     strategy = make_strategy(config, round_offset=3)
+    strategy.expect(ArrayRecord({k: Array(v) for k, v in SENT.items()}))
     if name == "fedadam":  # FedOpt needs the current global model before aggregating
         strategy.current_arrays = {"w": np.ones(4, dtype=np.float32)}
     arrays, metrics = strategy.aggregate_train(1, replies([1.0, 1.1, 0.9, 1.0, 100.0]))
@@ -56,7 +66,7 @@ def test_strategies_aggregate_and_robust_ones_resist_an_outlier(name, robust):
 
 
 def test_recorder_sums_the_clients_chip_cycles_and_dram_bytes():
-    strategy = make_strategy(RunConfig.parse({"min-clients": 3}))
+    strategy = float_strategy({"min-clients": 3})
     messages = replies([1.0, 2.0, 3.0])
     for i, msg in enumerate(messages):
         metrics = msg.content["metrics"]
