@@ -11,7 +11,6 @@ import os
 import signal
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -293,9 +292,9 @@ def final_evaluation(checkpoint: Path, out: Path, config: RunConfig) -> dict[str
     `evaluation.json` and `report.md` (+ plots) in `out`."""
     from shared import evaluate
 
-    light = evaluate.LIGHT
-    options = replace(light, data_dir=config.data_dir or None, seed=config.seed,
-                      chip=config.chip if config.chip != "none" else light.chip)
+    options = evaluate.light_options(
+        config.dataset, data_dir=config.data_dir or None, seed=config.seed,
+        chip=config.chip if config.chip != "none" else evaluate.LIGHT.chip)
     with Progress(SpinnerColumn(), TextColumn("[bold]final evaluation: {task.description}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("starting", total=None)

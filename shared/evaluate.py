@@ -112,8 +112,19 @@ class EvalOptions:
 
 
 # the light set `spikefed-run` ends with: a few seconds to a minute on two cores
-LIGHT = EvalOptions(time_steps=(1, 2, 4), attacks=("pgd-pdsg", "pgd-atan", "sda"),
-                    eps=(8 / 255,), samples=100)
+LIGHT = EvalOptions(time_steps=(1, 2, 4), attacks=("pgd-pdsg", "pgd-atan"), eps=(8 / 255,),
+                    samples=100)
+
+
+def light_options(dataset: str, **changes: Any) -> EvalOptions:
+    """`LIGHT` with the attacks that apply to `dataset`: PGD (PDSG next to atan) on images, SDA
+    on event frames, so the run's closing table has no skipped rows."""
+    from dataclasses import replace
+
+    from shared.data import dataset_info
+
+    events = dataset_info(dataset).time_steps is not None
+    return replace(LIGHT, attacks=("sda",) if events else LIGHT.attacks, **changes)
 
 
 def parse_time_steps(text: str) -> tuple[int, ...]:

@@ -20,6 +20,7 @@ from shared.evaluate import (
     evaluate_checkpoint,
     evaluate_model,
     integer_check,
+    light_options,
     load_global_model,
     parse_eps,
     parse_time_steps,
@@ -163,6 +164,12 @@ def test_run_directory_resolves_to_its_newest_checkpoint(checkpoint):
     assert gm.path == checkpoint
     _, accuracy = evaluate_model(gm.model, load_dataset("digits", "test"))
     assert accuracy > 0.5
+
+
+def test_light_set_picks_the_attacks_that_apply():
+    assert light_options("mnist-subset").attacks == ("pgd-pdsg", "pgd-atan")
+    assert light_options("dvs-digits", seed=3).attacks == ("sda",)
+    assert light_options("digits", seed=3).seed == 3
 
 
 @pytest.mark.parametrize(("text", "expected"), [("8/255,16/255", (8 / 255, 16 / 255)),
