@@ -303,7 +303,17 @@ def final_evaluation(checkpoint: Path, out: Path, config: RunConfig) -> dict[str
     for table in evaluate.result_tables(result):
         console.print(table)
     evaluate.write_json(result, out / "evaluation.json")
-    console.print(f"evaluation: {evaluate.write_report(result, out / 'report.md')}")
+    report = evaluate.write_report(result, out / "report.md")
+    run_report = out.parent / "report.md"
+    if run_report.is_file():  # the run's report points at its final evaluation
+        integer = result["integer"]
+        exact = (f"; integer engine bit-exact: {integer['bit_exact']} on {integer['samples']}"
+                 if integer["samples"] else "")
+        with run_report.open("a") as f:
+            f.write(f"\n## Final evaluation\n\nAccuracy {result['accuracy']:.2%}{exact}; "
+                    f"accuracy over T, attacks and chip energy in "
+                    f"[{out.name}/report.md]({out.name}/report.md).\n")
+    console.print(f"evaluation: {report}")
     return result
 
 

@@ -108,6 +108,7 @@ def test_run_ends_with_the_final_evaluation(quick_run):
     assert evaluation["attacks"] and all(0 <= a["success_rate"] <= 1 for a in evaluation["attacks"])
     assert evaluation["neurocore"]["energy_j"] > 0
     assert (out / "evaluation" / "report.md").is_file()
+    assert "(evaluation/report.md)" in (out / "report.md").read_text()
     assert "integer engine bit-exact" in result.stdout  # the table is printed
 
 
