@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from shared.snn import model_layout
+from shared.evaluate import predict
 
 from .errors import AttackError
 from .gradient import fgsm, pgd
@@ -76,17 +76,6 @@ def summarize_sparse(
     )
 
 
-@torch.no_grad()
-def _predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    was_training = model.training
-    model.eval()
-    try:
-        return torch.cat([model(model_layout(x[i : i + batch_size])).argmax(1)
-                          for i in range(0, len(x), batch_size)])
-    finally:
-        model.train(was_training)
-
-
 def gradient_attack_success(
     model: nn.Module,
     x: Tensor,
@@ -106,7 +95,7 @@ def gradient_attack_success(
         raise AttackError(
             f"gradient attacks take direct-coded images [N, C, H, W], got {tuple(x.shape)}"
         )
-    correct = _predict(model, x, batch_size) == y
+    correct = predict(model, x, batch_size) == y
     x_ok, y_ok = x[correct], y[correct]
     if len(y_ok) == 0:
         raise AttackError("the model classifies none of the samples correctly: nothing to attack")
@@ -117,7 +106,7 @@ def gradient_attack_success(
             x_adv = fgsm(model, xb, yb, eps, grad=grad)
         else:
             x_adv = pgd(model, xb, yb, eps, grad=grad, steps=steps)
-        wrong = _predict(model, x_adv, batch_size) != yb
+        wrong = predict(model, x_adv, batch_size) != yb
         fooled.append(wrong)
         l0s += (x_adv != xb).flatten(1).sum(1)[wrong].tolist()
     rate = float(torch.cat(fooled).float().mean())
