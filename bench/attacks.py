@@ -6,7 +6,9 @@ is attacked by PGD (L-inf, 10 steps, step eps/4, random start) at eps 8/255, 16/
 with every gradient estimator: `pdsg` and each fixed surrogate of `shared.snn.SURROGATES`. The
 table gives the success rate over the correctly classified test samples, the spread of each
 estimator across victims (max - min) and whether PDSG reaches every fixed surrogate's rate on
-every victim within 2 points (the Lun et al. 2025 claim, METHODS.md section 2).
+every victim within 2 points (the Lun et al. 2025 claim, METHODS.md section 2). `--neuron paper`
+gives the victims the LIF of the paper's public code instead of ours, `--model resnet-mini` a
+deeper, residual architecture.
 
 Part 2, sparse attacks on binary events. A csnn (T=8 frames, atan) is trained on dvs-digits and
 each correctly classified test sample (the first N) is attacked by SDA (finite differences +
@@ -17,6 +19,7 @@ baseline's (target <= 0.75, and SDA: 100 % success, median L0 <= 0.5 %).
 
     python bench/attacks.py                      # estimate: ~10 min on 2 quiet cores
     python bench/attacks.py --pgd-samples 100 --sda-samples 10 --epochs 1    # a quick look
+    python bench/attacks.py --skip sda --neuron paper          # the paper's victim neuron
 """
 
 from __future__ import annotations
@@ -49,15 +52,24 @@ from shared.snn import SURROGATES, build_model, model_layout  # noqa: E402
 
 VICTIM_SURROGATES = ("atan", "sigmoid", "rectangle")
 EPS = (8, 16, 32)  # / 255
+# Victim neurons. "default": our LIF (decay 1/2, threshold 1, reset by subtraction). "paper": the
+# neuron of the PDSG paper's public code, SpikingJelly's LIFNode(tau=2, decay_input=True,
+# v_threshold=1, v_reset=0, detach_reset=False): H = V/2 + X/2, hard reset. Our LIF with decay
+# 1/2, threshold 2 and reset to zero runs exactly that on a potential scaled by 2.
+NEURONS = {
+    "default": {},
+    "paper": {"threshold": 2.0, "reset": "zero", "detach_reset": False},
+}
 
 
 def train_victim(dataset: str, surrogate: str, time_steps: int, epochs: int,
-                 seed: int) -> torch.nn.Module:
-    """A float csnn trained with `surrogate` (Adam 2e-3, batch 64, cross-entropy)."""
+                 seed: int, model_name: str = "csnn", neuron: str = "default") -> torch.nn.Module:
+    """A float victim trained with `surrogate` (Adam 2e-3, batch 64, cross-entropy)."""
     info = dataset_info(dataset)
     torch.manual_seed(seed)
-    model = build_model("csnn", in_channels=info.in_channels, num_classes=info.num_classes,
-                        input_size=info.input_size, time_steps=time_steps, surrogate=surrogate)
+    model = build_model(model_name, in_channels=info.in_channels, num_classes=info.num_classes,
+                        input_size=info.input_size, time_steps=time_steps, surrogate=surrogate,
+                        **NEURONS[neuron])
     x, y = load_dataset(dataset, "train").tensors
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(seed)
@@ -75,7 +87,7 @@ def train_victim(dataset: str, surrogate: str, time_steps: int, epochs: int,
 
 
 def print_pgd_table(rates: dict[str, dict[int, dict[str, float]]], victims: tuple[str, ...],
-                    samples: int) -> None:
+                    samples: int, kind: str) -> None:
     """The PGD table: success % per (eps, victim) and estimator, spreads, PDSG's margin."""
     rows, verdicts = [], []
     for eps in EPS:
@@ -91,7 +103,7 @@ def print_pgd_table(rates: dict[str, dict[int, dict[str, float]]], victims: tupl
                   - min(rates[s][eps][g] for s in victims) for g in ESTIMATORS]
         rows.append([f"{eps}/255  spread (max-min)"] + [f"{100 * v:.1f}" for v in spread] + [""])
     print_table(f"PGD success % (10 steps, step eps/4) over the correctly classified of the "
-                f"first {samples} mnist-subset test samples, csnn victims by training surrogate",
+                f"first {samples} mnist-subset test samples, {kind} victims by training surrogate",
                 ["eps / victim", *ESTIMATORS, "pdsg - best fixed"], rows)
     print(f"PDSG >= best fixed surrogate - 2 points on {sum(verdicts)}/{len(verdicts)} "
           "(eps, victim) pairs")
@@ -105,7 +117,8 @@ def pgd_zoo(args: argparse.Namespace) -> dict:
     victims = args.victims
     for surrogate in victims:
         start = time.perf_counter()
-        victim = train_victim("mnist-subset", surrogate, 4, args.epochs, args.seed)
+        victim = train_victim("mnist-subset", surrogate, 4, args.epochs, args.seed,
+                              args.model, args.neuron)
         accuracy[surrogate] = evaluate_model(victim, load_dataset("mnist-subset", "test"))[1]
         print(f"victim {surrogate}: test accuracy {accuracy[surrogate]:.3f} "
               f"(trained in {time.perf_counter() - start:.0f} s)", flush=True)
@@ -116,8 +129,9 @@ def pgd_zoo(args: argparse.Namespace) -> dict:
                 torch.manual_seed(args.seed)
                 summary = gradient_attack_success(victim, x, y, eps / 255, grad=grad)
                 rates[surrogate][eps][grad] = summary.success_rate
-    print_pgd_table(rates, victims, len(y))
-    return {"accuracy": accuracy, "success_rate": rates}
+    print_pgd_table(rates, victims, len(y), f"{args.model} ({args.neuron} neuron)")
+    return {"model": args.model, "neuron": args.neuron, "accuracy": accuracy,
+            "success_rate": rates}
 
 
 def sparse_attacks(args: argparse.Namespace) -> dict:
@@ -172,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sda-samples", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=2, help="mnist-subset victims")
     parser.add_argument("--dvs-epochs", type=int, default=2)
+    parser.add_argument("--model", choices=("csnn", "resnet-mini"), default="csnn",
+                        help="architecture of the mnist-subset victims")
+    parser.add_argument("--neuron", choices=tuple(NEURONS), default="default",
+                        help="the mnist victims' LIF: ours, or the PDSG paper's (see NEURONS)")
     parser.add_argument("--victims", type=lambda v: tuple(v.split(",")),
                         default=VICTIM_SURROGATES, help="training surrogates of the mnist victims")
     parser.add_argument("--seed", type=int, default=0)

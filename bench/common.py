@@ -75,6 +75,8 @@ def print_table(
         table.add_column(h, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
+    if width is None and not sys.stdout.isatty():
+        width = 140  # a log file: rich would assume 80 columns and wrap every row
     Console(width=width).print(table)
 
 
