@@ -98,9 +98,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from shared.checkpoint import load_checkpoint
-    from shared.config import build_from_spec
     from shared.data import dataset_info, load_dataset
     from shared.neurocore import NeuroCore, dense_workload_tflops_per_w
+    from shared.rebuild import build_from_spec
     from shared.snn import MODELS, SURROGATES, load_federated_state, model_layout
 
     if args.batch_size < 1:
@@ -140,7 +140,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     dense = dense_workload_tflops_per_w(config.replace(precision="fp16"))
     calibration = {
         "target_tflops_per_w": config.target_tflops_per_w,
-        "core_energy_scale": config.energy_scale,
+        "core_energy_scale": chip.energy_scale,
         "dense_workload_tflops_per_w_fp16": dense,
     }
     report = chip.write_report(
@@ -159,7 +159,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     )
     print(
         f"calibration: dense fp16 workload {dense:.3f} TFLOPS/W "
-        f"(target {config.target_tflops_per_w}, core energy x{config.energy_scale:.3f}); "
+        f"(target {config.target_tflops_per_w}, core energy x{chip.energy_scale:.3f}); "
         f"report: {args.out / 'report.json'} (estimates)"
     )
     return report.to_dict()

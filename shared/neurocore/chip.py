@@ -10,6 +10,9 @@
             opt.zero_grad(); loss.backward(); opt.step()
             acc.step()
     acc.total.energy_j, acc.total.cycles, acc.total.dram_bytes, acc.total.spike_density
+
+Building either resolves the chip's core-energy factor (`calibrate.resolve_energy_scale`: the
+config's own `core_energy_scale`, or the calibrated one, computed once per configuration).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shared.neurocore.calibrate import dense_workload, resolve_energy_scale
 from shared.neurocore.config import ChipConfig
 from shared.neurocore.cost import (
     SavedTensorMeter,
@@ -46,6 +50,7 @@ class Accountant:
 
     def __init__(self, config: ChipConfig, model: nn.Module, time_steps: int | None = None):
         self.config = config
+        self.energy_scale = resolve_energy_scale(config)
         self.tracer = Tracer(model, time_steps)
         self.total = StepCost()
         self._plans: dict[tuple, StepPlan] = {}
@@ -62,23 +67,26 @@ class Accountant:
         key = structure_key(counts)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = StepPlan(counts, self.config)
+            plan = self._plans[key] = StepPlan(counts, self.config,
+                                               energy_scale=self.energy_scale)
         cost = plan.cost(counts)
         self.total.add(cost)
         return cost
 
 
 class NeuroCore:
-    """The chip model: `ChipConfig` plus the tracer and the cost model."""
+    """The chip model: `ChipConfig` plus the tracer and the cost model. `energy_scale` is the
+    factor applied to core energy (the calibrated one when `config.core_energy_scale` is None)."""
 
     def __init__(self, config: ChipConfig | None = None) -> None:
         self.config = config if config is not None else ChipConfig()
+        self.energy_scale = resolve_energy_scale(self.config)
 
     def accountant(self, model: nn.Module, time_steps: int | None = None) -> Accountant:
         return Accountant(self.config, model, time_steps)
 
     def cost(self, counts: StepCounts, *, rows: bool = True) -> StepCost:
-        return cost_step(counts, self.config, rows=rows)
+        return cost_step(counts, self.config, energy_scale=self.energy_scale, rows=rows)
 
     def trace(
         self,
@@ -129,7 +137,8 @@ class NeuroCore:
     def report(
         self, counts: StepCounts, gpu: dict[str, Any] | None = None, *, model_name: str = ""
     ) -> Report:
-        return Report.build(counts, self.cost(counts), self.config, gpu, model_name=model_name)
+        return Report.build(counts, self.cost(counts), self.config, gpu, model_name=model_name,
+                            energy_scale=self.energy_scale)
 
     def write_report(
         self,
@@ -164,7 +173,7 @@ class NeuroCore:
         """The step re-costed on 1..n-core versions of this chip (same counts)."""
         out = []
         for n in cores:
-            cost = cost_step(counts, self.config.replace(cores=n), rows=False)
+            cost = NeuroCore(self.config.replace(cores=n)).cost(counts, rows=False)
             out.append({
                 "cores": n,
                 "cycles": cost.cycles,
@@ -178,3 +187,11 @@ class NeuroCore:
         for entry in out:
             entry["speedup"] = base / entry["cycles"] if entry["cycles"] else 0.0
         return out
+
+
+def dense_workload_tflops_per_w(config: ChipConfig, seed: int = 0) -> float:
+    """TFLOPS/W of `config` (zero skipping off) on `calibrate.dense_workload`, a dense CNN training
+    step traced from PyTorch: the check that calibration carries over to a real workload."""
+    model, x, y = dense_workload(seed)
+    report = NeuroCore(config.replace(sparsity_skip="none")).profile(model, x, y, time_steps=1)
+    return report.tflops_per_w

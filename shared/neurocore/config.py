@@ -6,9 +6,11 @@ configured technology node; every value the cost model uses can be listed with i
 real core also spends energy on control, clock tree, local buffers and leakage, which the model
 does not enumerate. The calibration mode folds all of that into one factor, `core_energy_scale`,
 chosen so that a dense fp16 workload (`shared.neurocore.calibrate.REFERENCE`) reaches the target
-efficiency, 1.05 TFLOPS/W by default (Li et al. 2024). A config calibrates itself unless
-`core_energy_scale` is given; the factor is always derived at fp16 (the configuration's fp16
-twin), so int8 and int4 chips carry the same overhead factor and keep their cheaper datapaths.
+efficiency, 1.05 TFLOPS/W by default (Li et al. 2024). A `ChipConfig` is a plain value: with
+`core_energy_scale=None` the factor is derived when the chip model is built (`NeuroCore`,
+`shared.neurocore.calibrate.resolve_energy_scale`); it is always derived at fp16 (the
+configuration's fp16 twin), so int8 and int4 chips carry the same overhead factor and keep their
+cheaper datapaths.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 HOROWITZ = "Horowitz, 'Computing's energy problem', ISSCC 2014, Fig. 1.1.9 (45 nm, 0.9 V)"
 LI_2024 = "Li et al., 'A High Energy-Efficiency Multi-core Neuromorphic Architecture for Deep SNN "
@@ -131,8 +133,11 @@ class ChipConfig(BaseModel):
             re-runs the forward, doubling FP work).
         optimizer: "sgd" (momentum, one state tensor) or "adam" (two).
         tech_nm: technology node; 45 nm energies are scaled linearly to it.
-        core_energy_scale: multiplier on all core (non-DRAM) energy; None = calibrated.
+        core_energy_scale: multiplier on all core (non-DRAM) energy; None = calibrated when the
+            chip model is built (`shared.neurocore.calibrate.resolve_energy_scale`).
         target_tflops_per_w: the calibration target.
+
+    The value holds numbers only; validation errors are `ChipConfigError`s.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -157,8 +162,6 @@ class ChipConfig(BaseModel):
     core_energy_scale: float | None = Field(None, gt=0)
     target_tflops_per_w: float = Field(TARGET_TFLOPS_PER_W.value, gt=0)
 
-    _scale: float = PrivateAttr(1.0)
-
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
@@ -169,12 +172,6 @@ class ChipConfig(BaseModel):
                 f"chip config: sram_bank_kb={self.sram_bank_kb} is not allowed: a bank cannot be "
                 f"larger than the core's SRAM (sram_kb={self.sram_kb})"
             )
-        if self.core_energy_scale is not None:
-            self._scale = self.core_energy_scale
-        else:
-            from shared.neurocore.calibrate import calibration_scale
-
-            self._scale = calibration_scale(self)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -189,17 +186,12 @@ class ChipConfig(BaseModel):
         return cls(**{**base, **overrides})
 
     def replace(self, **changes: Any) -> ChipConfig:
-        """A copy with `changes`; a calibrated config stays calibrated (its factor re-derived)."""
+        """A copy with `changes`. Only fields set explicitly are carried over, so a config left to
+        calibration (`core_energy_scale=None`) stays so and its factor is derived for the copy."""
         data = self.model_dump(exclude_unset=True)
         return ChipConfig(**{**data, **changes})
 
     # -- derived quantities --------------------------------------------------------------------
-    @property
-    def energy_scale(self) -> float:
-        """The factor applied to core energy (the calibrated value when `core_energy_scale` is
-        None)."""
-        return self._scale
-
     @property
     def spec(self) -> PrecisionSpec:
         return PRECISIONS[self.precision]
@@ -233,8 +225,11 @@ class ChipConfig(BaseModel):
     def dram_bytes_per_cycle(self) -> float:
         return self.dram_gbps * 1e9 / (self.clock_mhz * 1e6)
 
-    def energy_constants(self) -> dict[str, dict[str, Any]]:
-        """Every energy constant the cost model uses for this config: value, unit, source."""
+    def energy_constants(self, energy_scale: float | None = None) -> dict[str, dict[str, Any]]:
+        """Every energy constant the cost model uses for this config: value, unit, source.
+
+        `energy_scale` is the core-energy factor the chip model resolved (`NeuroCore.energy_scale`);
+        without it the entry shows `core_energy_scale` as set (None: to be calibrated)."""
         spec = self.spec
         out: dict[str, dict[str, Any]] = {}
         for role, key in (("mul", spec.mul), ("add", spec.add)):
@@ -255,7 +250,7 @@ class ChipConfig(BaseModel):
             "source": self._source("dram_pj_per_bit"),
         }
         out["core_energy_scale"] = {
-            "value": self.energy_scale,
+            "value": energy_scale if energy_scale is not None else self.core_energy_scale,
             "unit": "x core energy",
             "source": self._source("core_energy_scale"),
         }

@@ -248,18 +248,36 @@ def structure_key(counts: StepCounts) -> tuple:
             tuple(counts.params.items()), tuple(counts.layer_order))
 
 
-def cost_step(counts: StepCounts, cfg: ChipConfig, *, rows: bool = True) -> StepCost:
-    """Cost one step's counts on chip `cfg`; `rows=True` also lists every row as a dict."""
-    return StepPlan(counts, cfg).cost(counts, rows=rows)
+def cost_step(
+    counts: StepCounts, cfg: ChipConfig, *, energy_scale: float | None = None, rows: bool = True
+) -> StepCost:
+    """Cost one step's counts on chip `cfg` with core-energy factor `energy_scale` (see
+    `StepPlan`); `rows=True` also lists every row as a dict."""
+    return StepPlan(counts, cfg, energy_scale=energy_scale).cost(counts, rows=rows)
 
 
 class StepPlan:
     """The cost of a step's structure on chip `cfg`: rows, bytes, vector work and every dense
     (count-independent) synaptic row, evaluated once; `cost(counts)` adds the sparse synaptic
-    work of a step with the same `structure_key`."""
+    work of a step with the same `structure_key`.
 
-    def __init__(self, counts: StepCounts, cfg: ChipConfig) -> None:
+    `energy_scale` multiplies all core energy; it defaults to `cfg.core_energy_scale`. A config
+    left to calibration has none: `NeuroCore` and `Accountant` resolve it
+    (`shared.neurocore.calibrate.resolve_energy_scale`)."""
+
+    def __init__(
+        self, counts: StepCounts, cfg: ChipConfig, *, energy_scale: float | None = None
+    ) -> None:
+        if energy_scale is None:
+            energy_scale = cfg.core_energy_scale
+        if energy_scale is None:
+            raise ValueError(
+                "neurocore: this ChipConfig is left to calibration (core_energy_scale=None); cost "
+                "it through NeuroCore(config), or pass "
+                "energy_scale=shared.neurocore.calibrate.resolve_energy_scale(config)"
+            )
         self.cfg = cfg
+        self.scale = energy_scale
         self.key = structure_key(counts)
         self.batch = counts.batch_size
         self.rows: list[_Row] = []
@@ -494,7 +512,7 @@ class StepPlan:
         self.lanes = {"fp": cfg.lanes_fp, "bp": cfg.lanes_bp, "wg": cfg.lanes_wg}
         self.k_max = min(cfg.cores, batch)
         samples_per_core = math.ceil(batch / self.k_max)
-        scale = self.scale = cfg.energy_scale
+        scale = self.scale
         dram_pj_byte = cfg.dram_pj_per_bit * 8
         total = self.total = StepCost()
         self.imbalance = [0.0, 0.0]  # sum of max-core load x cores, sum of executed ops

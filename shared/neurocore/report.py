@@ -39,6 +39,7 @@ class Report:
     cost: StepCost
     meta: dict[str, Any] = field(default_factory=dict)
     gpu: dict[str, Any] | None = None
+    energy_scale: float | None = None  # the core-energy factor the chip applied
 
     @classmethod
     def build(
@@ -49,6 +50,7 @@ class Report:
         gpu: dict[str, Any] | None = None,
         *,
         model_name: str = "",
+        energy_scale: float | None = None,
     ) -> Report:
         once = sorted({r.layer for r in counts.synaptic.values() if r.once}
                       | {r.layer for r in counts.elements.values() if r.once})
@@ -79,6 +81,7 @@ class Report:
             cost=cost,
             meta=meta,
             gpu=gpu,
+            energy_scale=energy_scale,
         )
 
     @property
@@ -110,8 +113,8 @@ class Report:
             "totals": self.cost.summary(),
             "gpu_baseline": self.gpu,
             "config": self.config.model_dump(),
-            "core_energy_scale": self.config.energy_scale,
-            "energy_constants": self.config.energy_constants(),
+            "core_energy_scale": self.energy_scale,
+            "energy_constants": self.config.energy_constants(self.energy_scale),
             "rows": self.rows,
         }
 

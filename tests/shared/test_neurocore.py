@@ -17,7 +17,7 @@ from shared.neurocore import (
     ChipConfig,
     ChipConfigError,
     NeuroCore,
-    cost_step,
+    calibration_scale,
     dense_workload_tflops_per_w,
 )
 from shared.neurocore.__main__ import main as cli_main
@@ -256,20 +256,20 @@ def test_more_cores_never_increase_cycles(csnn_counts):
     for base in (PAPER, EDGE, PAPER.replace(sparsity_skip="none", sram_kb=16, sram_bank_kb=8)):
         previous = None
         for cores in range(1, 25):
-            cost = cost_step(counts, base.replace(cores=cores))
+            cost = NeuroCore(base.replace(cores=cores)).cost(counts)
             row_cycles = [r["cycles"] for r in cost.rows]
             if previous is not None:
                 assert cost.cycles <= previous[0]
                 assert all(a <= b for a, b in zip(row_cycles, previous[1], strict=True))
             previous = (cost.cycles, row_cycles)
-        assert previous[0] < cost_step(counts, base.replace(cores=1)).cycles
+        assert previous[0] < NeuroCore(base.replace(cores=1)).cost(counts).cycles
 
 
 @pytest.mark.parametrize("membrane", ["store", "mask", "recompute"])
 @pytest.mark.parametrize("sram_kb", [4, 64, 4096])
 def test_every_byte_written_is_read_back(csnn_counts, membrane, sram_kb):
     counts, _ = csnn_counts
-    cost = cost_step(counts, PAPER.replace(membrane=membrane, sram_kb=sram_kb, sram_bank_kb=4))
+    cost = NeuroCore(PAPER.replace(membrane=membrane, sram_kb=sram_kb, sram_bank_kb=4)).cost(counts)
     for category, entry in cost.ledger.items():
         assert entry["read"] >= entry["written"], category
         if category != "weights":  # new weights are read by the next step
@@ -300,25 +300,25 @@ def test_core_split_is_the_best_round_robin_deal(batch, cores):
 def test_integer_precisions_cost_less_energy_than_fp16(csnn_counts):
     counts, _ = csnn_counts
     for chip in (PAPER, EDGE):
-        energy = {p: cost_step(counts, chip.replace(precision=p)).energy_j
+        energy = {p: NeuroCore(chip.replace(precision=p)).cost(counts).energy_j
                   for p in ("fp16", "int8", "int4")}
         assert energy["int4"] < energy["int8"] < energy["fp16"]
 
 
 def test_skip_modes_and_membrane_strategies(csnn_counts):
     counts, _ = csnn_counts
-    none = cost_step(counts, PAPER.replace(sparsity_skip="none"))
-    dual = cost_step(counts, PAPER)
+    none = NeuroCore(PAPER.replace(sparsity_skip="none")).cost(counts)
+    dual = NeuroCore(PAPER).cost(counts)
     assert none.executed_ops == none.dense_ops
     assert dual.executed_ops == dual.ops
     assert dual.ops["fp"] < dual.dense_ops["fp"] and dual.ops["wg"] < dual.dense_ops["wg"]
     assert dual.ops["bp"] <= dual.dense_ops["bp"]  # BatchNorm's backward makes errors dense
     assert dual.energy_j < none.energy_j and dual.cycles <= none.cycles
-    only_in = cost_step(counts, PAPER.replace(sparsity_skip="input"))
+    only_in = NeuroCore(PAPER.replace(sparsity_skip="input")).cost(counts)
     assert only_in.executed_ops["fp"] == dual.ops["fp"] == only_in.executed_ops["wg"]
-    recompute = cost_step(counts, PAPER.replace(membrane="recompute"))
+    recompute = NeuroCore(PAPER.replace(membrane="recompute")).cost(counts)
     assert recompute.executed_ops["fp"] == 2 * dual.executed_ops["fp"]
-    mask = cost_step(counts, PAPER.replace(membrane="mask"))
+    mask = NeuroCore(PAPER.replace(membrane="mask")).cost(counts)
     assert mask.dram_bytes <= dual.dram_bytes and recompute.dram_bytes <= mask.dram_bytes
 
 
@@ -329,8 +329,8 @@ def test_a_cached_plan_costs_other_steps_exactly_and_rows_add_up(csnn_counts):
     other, _ = NeuroCore(PAPER).trace(model, batch((12, 1, 16, 16), seed=9), torch.arange(12) % 10)
     assert structure_key(other) == structure_key(counts)
     for cfg in (PAPER, EDGE, PAPER.replace(sparsity_skip="output", membrane="recompute")):
-        fast = StepPlan(counts, cfg).cost(other)
-        full = cost_step(other, cfg)
+        fast = StepPlan(counts, cfg, energy_scale=NeuroCore(cfg).energy_scale).cost(other)
+        full = NeuroCore(cfg).cost(other)
         for name in ("cycles", "compute_cycles", "dram_cycles", "engine_cycles", "ops",
                      "executed_ops", "dense_ops", "neuron_ops", "flops", "sram_bytes",
                      "dram_bytes", "ledger"):
@@ -349,14 +349,14 @@ def test_a_cached_plan_costs_other_steps_exactly_and_rows_add_up(csnn_counts):
 
 # -- calibration and the headline figures ---------------------------------------------------------
 def test_paper_preset_is_calibrated_to_1_05_tflops_per_w():
-    reference = cost_step(reference_counts(), PAPER.replace(sparsity_skip="none"))
+    reference = NeuroCore(PAPER.replace(sparsity_skip="none")).cost(reference_counts())
     assert reference.tflops_per_w == pytest.approx(1.05, rel=1e-9)
     measured = dense_workload_tflops_per_w(PAPER)
     assert measured == pytest.approx(1.05, rel=0.05)
     raw = PAPER.replace(core_energy_scale=1.0)
     assert dense_workload_tflops_per_w(raw) > 1.5  # Horowitz datapath alone, before overheads
-    assert EDGE.energy_scale == pytest.approx(PAPER.replace(cores=4, sram_bank_kb=8).energy_scale,
-                                              rel=0.05)
+    assert calibration_scale(EDGE) == pytest.approx(
+        calibration_scale(PAPER.replace(cores=4, sram_bank_kb=8)), rel=0.05)
 
 
 @pytest.fixture(scope="module")
