@@ -280,231 +280,26 @@ class StepPlan:
         self.scale = energy_scale
         self.key = structure_key(counts)
         self.batch = counts.batch_size
-        self.rows: list[_Row] = []
         self.ledger = {k: {"written": 0.0, "read": 0.0} for k in LEDGER}
         self._layout(counts)
         self._static()
 
     # -- layout: rows, SRAM and DRAM bytes -----------------------------------------------------
     def _layout(self, counts: StepCounts) -> None:
-        cfg, spec, ledger = self.cfg, self.cfg.spec, self.ledger
-        batch, steps = counts.batch_size, counts.time_steps
-        state_b = spec.state_bits / 8
-        weight_b = spec.weight_bits / 8
-        data_bits = 1 if counts.data_binary else spec.input_bits
-        skip = cfg.sparsity_skip
-        recompute = 2 if cfg.membrane == "recompute" else 1
-        membrane_bits = {"store": spec.state_bits, "mask": 1, "recompute": 0}[cfg.membrane]
-        syn = counts.synaptic
-        elements = list(counts.elements.values())
-
-        def move(row: _Row, category: str, way: str, nbytes: float) -> None:
-            if nbytes:
-                ledger[category][way] += nbytes
-                if way == "read":
-                    row.dram_read += nbytes
-                else:
-                    row.dram_write += nbytes
-
-        # Weights and gradient accumulators resident in one core's weight SRAM, forward order.
-        weight_cap = cfg.sram_kb * 1024 * cfg.weight_sram_fraction
-        weights = {r.layer: r.weights for r in syn.values()}
-        resident: set[str] = set()
-        used = 0.0
-        for layer in counts.layer_order:
-            if layer in weights:
-                need = weights[layer] * (spec.weight_bits + spec.state_bits) / 8
-                if used + need <= weight_cap:
-                    resident.add(layer)
-                    used += need
-
-        # One core's state SRAM, per sample: first the live membrane potentials (FP) / error
-        # carries (BP) of every neuron layer, then the state saved for the backward pass in
-        # production order, the newest first (it is consumed first). The rest goes to DRAM.
-        state_cap = cfg.sram_kb * 1024 * (1 - cfg.weight_sram_fraction)
-        live: dict[str, float] = defaultdict(float)
-        saved: dict[tuple[str, str], float] = defaultdict(float)  # bytes per sample
-        for layer in counts.layer_order:
-            for r in elements:
-                if r.layer == layer and r.kind == "neuron":
-                    live[layer] = max(live[layer], r.in_elems * state_b)
-                    saved[(layer, "spikes")] += r.in_elems * r.fp_calls / 8
-                    if membrane_bits:
-                        saved[(layer, "membrane")] += r.in_elems * r.fp_calls * membrane_bits / 8
-            for r in syn.values():
-                if r.layer == layer and r.source == ACTIVATION:
-                    saved[(layer, "input")] += r.in_elems * state_b
-                elif r.layer == layer and r.source == DATA:
-                    saved[(layer, "data")] += r.in_elems * data_bits / 8
-        live_kept: set[str] = set()
-        used = 0.0
-        for layer, nbytes in live.items():
-            if used + nbytes <= state_cap:
-                live_kept.add(layer)
-                used += nbytes
-        kept: set[tuple[str, str]] = set()
-        for item in reversed(list(saved)):
-            if used + saved[item] <= state_cap:
-                kept.add(item)
-                used += saved[item]
+        """Lay the step out as rows with their SRAM bytes, vector work and DRAM traffic (the
+        ledger), in the order of the module docstring's "Bytes" paragraph."""
+        cfg = self.cfg
+        widths = _Widths.of(counts, cfg)
+        weights, resident = _resident_weights(counts, cfg)
+        live_kept, kept, self.spilled_state = _state_in_sram(counts, cfg, widths)
         self.resident_layers = sorted(resident)
-        self.spilled_state = [f"{layer}:live" for layer in live if layer not in live_kept]
-        self.spilled_state += [f"{layer}:{part}" for (layer, part) in saved
-                               if (layer, part) not in kept]
-
-        by_key: dict[tuple[str, str], list[_Row]] = defaultdict(list)
-
-        def new_row(layer: str, phase: str, t: int, kind: str) -> _Row:
-            row = _Row(layer, phase, t, kind)
-            self.rows.append(row)
-            by_key[(layer, phase)].append(row)
-            return row
-
-        def load(row: _Row, slot: Slot | None, sparse: bool, dense: int, scale: int = 1) -> None:
-            row.synaptic, row.load_scale = True, scale
-            if sparse and slot is not None:
-                row.load_slot = slot
-            else:
-                row.uniform = float(dense)
-
-        first_fp: set[str] = set()
-        for key, r in syn.items():
-            in_bits = 1 if r.binary else (data_bits if r.source == DATA else spec.state_bits)
-            in_bytes = r.in_elems * batch * in_bits / 8
-            out_bytes = r.out_elems * batch * state_b
-            w_bytes = r.weights * weight_b
-            is_resident = r.layer in resident
-            # FP
-            row = new_row(r.layer, "fp", r.time_step, r.kind)
-            row.binary, row.dense_ops, row.ops_slot = r.binary, r.dense * batch, (key, "fp")
-            load(row, (key, "fp"), skip in ("input", "dual"), r.dense, recompute)
-            row.sram_bytes = in_bytes + out_bytes + w_bytes * batch
-            row.density = ("in", key)
-            if r.source == DATA:
-                move(row, "input", "read", r.in_elems * batch * data_bits / 8)
-            if r.layer not in first_fp:
-                first_fp.add(r.layer)
-                move(row, "weights", "read", counts.params.get(r.layer, r.weights) * weight_b)
-                if not is_resident and recompute == 2:
-                    move(row, "weights", "read", w_bytes)
-            elif not is_resident:
-                move(row, "weights", "read", w_bytes * recompute)
-            if r.source == ACTIVATION and (r.layer, "input") not in kept:
-                move(row, "saved_state", "written", r.in_elems * batch * state_b)
-            # BP
-            if r.bp is not None and r.bp_needed:
-                row = new_row(r.layer, "bp", r.time_step, r.kind)
-                row.dense_ops, row.ops_slot = r.dense * batch, (key, "bp")
-                load(row, (key, "bp"), skip in ("output", "dual"), r.dense)
-                row.sram_bytes = out_bytes + r.in_elems * batch * state_b + w_bytes * batch
-                row.density = ("err", key)
-                if not is_resident:
-                    move(row, "weights", "read", w_bytes)
-            # WG
-            if r.wg is not None and r.wg_needed:
-                row = new_row(r.layer, "wg", r.time_step, r.kind)
-                row.binary, row.dense_ops, row.ops_slot = r.binary, r.dense * batch, (key, "wg")
-                slot = {"dual": "wg", "input": "fp", "output": "bp", "none": None}[skip]
-                load(row, (key, slot) if slot else None, slot is not None, r.dense)
-                row.sram_bytes = in_bytes + out_bytes + 2 * r.weights * state_b * batch
-                if r.source == ACTIVATION and (r.layer, "input") not in kept:
-                    move(row, "saved_state", "read", r.in_elems * batch * state_b)
-                if r.source == DATA and (r.layer, "data") not in kept:
-                    move(row, "input", "read", r.in_elems * batch * data_bits / 8)
-
-        for key, r in counts.elements.items():
-            n_fp = r.in_elems * r.fp_calls
-            n_bp = r.in_elems * r.bp_calls
-            row = new_row(r.layer, "fp", r.time_step, r.kind)
-            if r.kind == "neuron":
-                per = NEURON_OPS + r.leak
-                row.vector_per_sample = n_fp * per * recompute
-                row.density = ("spikes", key)
-                spike_b, mem_b = n_fp * batch / 8, n_fp * batch * membrane_bits / 8
-                row.sram_bytes = n_fp * batch * 3 * state_b + spike_b
-                for part, nbytes in (("spikes", spike_b), ("membrane", mem_b)):
-                    if (r.layer, part) in kept:
-                        row.sram_bytes += nbytes
-                    else:
-                        move(row, "saved_state", "written", nbytes)
-                live_b = n_fp * batch * state_b  # the potential carried to the next time step
-                if r.layer not in live_kept:
-                    if r.time_step > 0:
-                        move(row, "working_state", "read", live_b)
-                    if r.time_step < steps - 1:
-                        move(row, "working_state", "written", live_b)
-                if r.bp_calls:
-                    row = new_row(r.layer, "bp", r.time_step, r.kind)
-                    row.vector_per_sample = n_bp * per
-                    spike_b, mem_b = n_bp * batch / 8, n_bp * batch * membrane_bits / 8
-                    row.sram_bytes = n_bp * batch * 4 * state_b
-                    for part, nbytes in (("spikes", spike_b), ("membrane", mem_b)):
-                        if (r.layer, part) in kept:
-                            row.sram_bytes += nbytes
-                        else:
-                            move(row, "saved_state", "read", nbytes)
-                    live_b = n_bp * batch * state_b  # the error carried to the previous step
-                    if r.layer not in live_kept:
-                        if r.time_step < steps - 1:
-                            move(row, "working_state", "read", live_b)
-                        if r.time_step > 0:
-                            move(row, "working_state", "written", live_b)
-            elif r.kind == "norm":
-                row.vector_per_sample = n_fp * NORM_FP_OPS[r.training]
-                row.sram_bytes = n_fp * batch * (3 if r.training else 2) * state_b
-                if r.bp_calls:
-                    row = new_row(r.layer, "bp", r.time_step, r.kind)
-                    row.vector_per_sample = n_bp * NORM_BP_OPS
-                    row.sram_bytes = n_bp * batch * 3 * state_b
-                    if r.has_params:
-                        row = new_row(r.layer, "wg", r.time_step, r.kind)
-                        row.vector_per_sample = n_bp * NORM_WG_OPS
-                        row.sram_bytes = n_bp * batch * 2 * state_b
-            else:  # pool
-                out_fp = r.out_elems * r.fp_calls
-                row.vector_per_sample = n_fp
-                in_b = 1 / 8 if r.in_spikes else state_b
-                row.sram_bytes = batch * (n_fp * in_b + out_fp * state_b)
-                if r.bp_calls:
-                    row = new_row(r.layer, "bp", r.time_step, r.kind)
-                    row.vector_per_sample = n_bp
-                    row.sram_bytes = batch * (n_bp + r.out_elems * r.bp_calls) * state_b
-            if r.kind != "pool" and r.layer not in first_fp and counts.params.get(r.layer):
-                first_fp.add(r.layer)  # parameters (BN affine, neuron constants) read once
-                move(by_key[(r.layer, "fp")][0], "weights", "read",
-                     counts.params[r.layer] * weight_b)
-
-        # Gradient partials of layers whose accumulators do not fit: written after every
-        # backward time step but the last, read before every one but the first (time runs
-        # backwards).
-        for (layer, phase), group in list(by_key.items()):
-            if phase == "wg" and layer in weights and layer not in resident and len(group) > 1:
-                g_bytes = weights[layer] * state_b
-                ordered = sorted(group, key=lambda row: row.time_step)
-                for row in ordered[1:]:
-                    move(row, "gradients", "written", g_bytes)
-                for row in ordered[:-1]:
-                    move(row, "gradients", "read", g_bytes)
-
-        # Optimizer update of every module that received gradients, after its last backward row.
-        updated = {r.layer for r in syn.values() if r.wg is not None and r.wg_needed}
-        updated |= {r.layer for r in elements if r.bp_calls and r.kind != "pool"}
-        n_states = OPTIMIZER_STATES[cfg.optimizer]
-        for layer in counts.layer_order:
-            n_params = counts.params.get(layer, 0)
-            if not n_params or layer not in updated:
-                continue
-            group = by_key.get((layer, "wg"))
-            if group:
-                row = min(group, key=lambda row: row.time_step)
-            else:
-                kind = next(r.kind for r in self.rows if r.layer == layer)
-                row = new_row(layer, "wg", 0, kind)
-            row.vector_global += n_params * OPTIMIZER_OPS[cfg.optimizer]
-            row.sram_bytes += n_params * (2 * weight_b + state_b * (1 + 2 * n_states))
-            move(row, "optimizer_state", "read", n_params * n_states * state_b)
-            move(row, "optimizer_state", "written", n_params * n_states * state_b)
-            move(row, "weights", "written", n_params * weight_b)
+        layout = _Layout(self.ledger)
+        first_fp: set[str] = set()  # layers whose parameters have been read
+        _synaptic_rows(layout, counts, cfg, widths, resident, kept, first_fp)
+        _element_rows(layout, counts, widths, live_kept, kept, first_fp)
+        _gradient_partials(layout, weights, resident, widths.state_b)
+        _optimizer_updates(layout, counts, cfg, widths)
+        self.rows = layout.rows
 
     # -- the count-independent cost of every row ----------------------------------------------
     def _static(self) -> None:
@@ -634,6 +429,310 @@ class StepPlan:
             "energy_j": (core_pj + row.dram_pj) * 1e-12,
             "density": density,
         }
+
+
+# -- layout: the steps of `StepPlan._layout` ---------------------------------------------------
+@dataclass(frozen=True)
+class _Widths:
+    """Storage widths of one step on one chip."""
+
+    state_b: float  # bytes per potential, current, error or gradient accumulator
+    weight_b: float  # bytes per weight
+    data_bits: int  # bits per input element (1 for binary event frames)
+    membrane_bits: int  # bits kept per neuron and step for the surrogate gradient
+    recompute: int  # 2 when the backward pass re-runs the forward (FP work doubles), else 1
+
+    @classmethod
+    def of(cls, counts: StepCounts, cfg: ChipConfig) -> _Widths:
+        spec = cfg.spec
+        return cls(
+            state_b=spec.state_bits / 8,
+            weight_b=spec.weight_bits / 8,
+            data_bits=1 if counts.data_binary else spec.input_bits,
+            membrane_bits={"store": spec.state_bits, "mask": 1, "recompute": 0}[cfg.membrane],
+            recompute=2 if cfg.membrane == "recompute" else 1,
+        )
+
+
+class _Layout:
+    """The rows being laid out, grouped by (layer, phase), and the step's DRAM ledger (bytes)."""
+
+    def __init__(self, ledger: dict[str, dict[str, float]]) -> None:
+        self.ledger = ledger
+        self.rows: list[_Row] = []
+        self.by_key: dict[tuple[str, str], list[_Row]] = defaultdict(list)
+
+    def new_row(self, layer: str, phase: str, t: int, kind: str) -> _Row:
+        row = _Row(layer, phase, t, kind)
+        self.rows.append(row)
+        self.by_key[(layer, phase)].append(row)
+        return row
+
+    def move(self, row: _Row, category: str, way: str, nbytes: float) -> None:
+        """Book `nbytes` of DRAM traffic ("read" or "written") under a `LEDGER` category."""
+        if nbytes:
+            self.ledger[category][way] += nbytes
+            if way == "read":
+                row.dram_read += nbytes
+            else:
+                row.dram_write += nbytes
+
+
+def _set_load(row: _Row, slot: Slot | None, sparse: bool, dense: int, scale: int = 1) -> None:
+    """Make `row` synaptic: its per-sample work is the counts in `slot` when the engine skips
+    zeros (`sparse`), otherwise `dense` ops per sample; times `scale` (FP recompute)."""
+    row.synaptic, row.load_scale = True, scale
+    if sparse and slot is not None:
+        row.load_slot = slot
+    else:
+        row.uniform = float(dense)
+
+
+def _resident_weights(counts: StepCounts, cfg: ChipConfig) -> tuple[dict[str, int], set[str]]:
+    """Weights and gradient accumulators resident in one core's weight SRAM, forward order.
+
+    Returns the weight count of every synaptic layer and the layers whose weights plus gradient
+    accumulators fit, in forward order, in `weight_sram_fraction` of `sram_kb` (bytes)."""
+    spec = cfg.spec
+    weight_cap = cfg.sram_kb * 1024 * cfg.weight_sram_fraction
+    weights = {r.layer: r.weights for r in counts.synaptic.values()}
+    resident: set[str] = set()
+    used = 0.0
+    for layer in counts.layer_order:
+        if layer in weights:
+            need = weights[layer] * (spec.weight_bits + spec.state_bits) / 8
+            if used + need <= weight_cap:
+                resident.add(layer)
+                used += need
+    return weights, resident
+
+
+def _state_in_sram(
+    counts: StepCounts, cfg: ChipConfig, widths: _Widths
+) -> tuple[set[str], set[tuple[str, str]], list[str]]:
+    """One core's state SRAM, per sample: first the live membrane potentials (FP) / error carries
+    (BP) of every neuron layer, then the state saved for the backward pass in production order,
+    the newest first (it is consumed first). The rest goes to DRAM.
+
+    Returns the neuron layers whose live state fits, the saved (layer, part) items that fit
+    (part: "spikes", "membrane", "input" or "data") and the names of what spills
+    ("layer:live", "layer:part"). Capacity: `sram_kb` x (1 - `weight_sram_fraction`), bytes."""
+    state_b, data_bits, membrane_bits = widths.state_b, widths.data_bits, widths.membrane_bits
+    syn = counts.synaptic
+    elements = list(counts.elements.values())
+    state_cap = cfg.sram_kb * 1024 * (1 - cfg.weight_sram_fraction)
+    live: dict[str, float] = defaultdict(float)
+    saved: dict[tuple[str, str], float] = defaultdict(float)  # bytes per sample
+    for layer in counts.layer_order:
+        for r in elements:
+            if r.layer == layer and r.kind == "neuron":
+                live[layer] = max(live[layer], r.in_elems * state_b)
+                saved[(layer, "spikes")] += r.in_elems * r.fp_calls / 8
+                if membrane_bits:
+                    saved[(layer, "membrane")] += r.in_elems * r.fp_calls * membrane_bits / 8
+        for r in syn.values():
+            if r.layer == layer and r.source == ACTIVATION:
+                saved[(layer, "input")] += r.in_elems * state_b
+            elif r.layer == layer and r.source == DATA:
+                saved[(layer, "data")] += r.in_elems * data_bits / 8
+    live_kept: set[str] = set()
+    used = 0.0
+    for layer, nbytes in live.items():
+        if used + nbytes <= state_cap:
+            live_kept.add(layer)
+            used += nbytes
+    kept: set[tuple[str, str]] = set()
+    for item in reversed(list(saved)):
+        if used + saved[item] <= state_cap:
+            kept.add(item)
+            used += saved[item]
+    spilled = [f"{layer}:live" for layer in live if layer not in live_kept]
+    spilled += [f"{layer}:{part}" for (layer, part) in saved if (layer, part) not in kept]
+    return live_kept, kept, spilled
+
+
+def _synaptic_rows(
+    layout: _Layout,
+    counts: StepCounts,
+    cfg: ChipConfig,
+    widths: _Widths,
+    resident: set[str],
+    kept: set[tuple[str, str]],
+    first_fp: set[str],
+) -> None:
+    """The FP, BP and WG rows of every conv / linear record: engine work, SRAM bytes (inputs,
+    outputs, weights per sample; bytes) and DRAM traffic (the input batch, first and re-fetched
+    weight reads, layer inputs saved for WG that do not fit in SRAM). Marks in `first_fp` the
+    layers whose parameters have been read."""
+    batch = counts.batch_size
+    state_b, weight_b, data_bits = widths.state_b, widths.weight_b, widths.data_bits
+    spec, skip, recompute = cfg.spec, cfg.sparsity_skip, widths.recompute
+    move, new_row = layout.move, layout.new_row
+    for key, r in counts.synaptic.items():
+        in_bits = 1 if r.binary else (data_bits if r.source == DATA else spec.state_bits)
+        in_bytes = r.in_elems * batch * in_bits / 8
+        out_bytes = r.out_elems * batch * state_b
+        w_bytes = r.weights * weight_b
+        is_resident = r.layer in resident
+        # FP
+        row = new_row(r.layer, "fp", r.time_step, r.kind)
+        row.binary, row.dense_ops, row.ops_slot = r.binary, r.dense * batch, (key, "fp")
+        _set_load(row, (key, "fp"), skip in ("input", "dual"), r.dense, recompute)
+        row.sram_bytes = in_bytes + out_bytes + w_bytes * batch
+        row.density = ("in", key)
+        if r.source == DATA:
+            move(row, "input", "read", r.in_elems * batch * data_bits / 8)
+        if r.layer not in first_fp:
+            first_fp.add(r.layer)
+            move(row, "weights", "read", counts.params.get(r.layer, r.weights) * weight_b)
+            if not is_resident and recompute == 2:
+                move(row, "weights", "read", w_bytes)
+        elif not is_resident:
+            move(row, "weights", "read", w_bytes * recompute)
+        if r.source == ACTIVATION and (r.layer, "input") not in kept:
+            move(row, "saved_state", "written", r.in_elems * batch * state_b)
+        # BP
+        if r.bp is not None and r.bp_needed:
+            row = new_row(r.layer, "bp", r.time_step, r.kind)
+            row.dense_ops, row.ops_slot = r.dense * batch, (key, "bp")
+            _set_load(row, (key, "bp"), skip in ("output", "dual"), r.dense)
+            row.sram_bytes = out_bytes + r.in_elems * batch * state_b + w_bytes * batch
+            row.density = ("err", key)
+            if not is_resident:
+                move(row, "weights", "read", w_bytes)
+        # WG
+        if r.wg is not None and r.wg_needed:
+            row = new_row(r.layer, "wg", r.time_step, r.kind)
+            row.binary, row.dense_ops, row.ops_slot = r.binary, r.dense * batch, (key, "wg")
+            slot = {"dual": "wg", "input": "fp", "output": "bp", "none": None}[skip]
+            _set_load(row, (key, slot) if slot else None, slot is not None, r.dense)
+            row.sram_bytes = in_bytes + out_bytes + 2 * r.weights * state_b * batch
+            if r.source == ACTIVATION and (r.layer, "input") not in kept:
+                move(row, "saved_state", "read", r.in_elems * batch * state_b)
+            if r.source == DATA and (r.layer, "data") not in kept:
+                move(row, "input", "read", r.in_elems * batch * data_bits / 8)
+
+
+def _element_rows(
+    layout: _Layout,
+    counts: StepCounts,
+    widths: _Widths,
+    live_kept: set[str],
+    kept: set[tuple[str, str]],
+    first_fp: set[str],
+) -> None:
+    """The vector-unit rows of every neuron, BatchNorm and pooling record: element ops per
+    sample, SRAM bytes, and DRAM traffic for saved spikes / membrane and live state that do not
+    fit (bytes); a layer's own parameters (BN affine, neuron constants) are read once."""
+    batch, steps = counts.batch_size, counts.time_steps
+    state_b, weight_b = widths.state_b, widths.weight_b
+    membrane_bits, recompute = widths.membrane_bits, widths.recompute
+    move, new_row = layout.move, layout.new_row
+    for key, r in counts.elements.items():
+        n_fp = r.in_elems * r.fp_calls
+        n_bp = r.in_elems * r.bp_calls
+        row = new_row(r.layer, "fp", r.time_step, r.kind)
+        if r.kind == "neuron":
+            per = NEURON_OPS + r.leak
+            row.vector_per_sample = n_fp * per * recompute
+            row.density = ("spikes", key)
+            spike_b, mem_b = n_fp * batch / 8, n_fp * batch * membrane_bits / 8
+            row.sram_bytes = n_fp * batch * 3 * state_b + spike_b
+            for part, nbytes in (("spikes", spike_b), ("membrane", mem_b)):
+                if (r.layer, part) in kept:
+                    row.sram_bytes += nbytes
+                else:
+                    move(row, "saved_state", "written", nbytes)
+            live_b = n_fp * batch * state_b  # the potential carried to the next time step
+            if r.layer not in live_kept:
+                if r.time_step > 0:
+                    move(row, "working_state", "read", live_b)
+                if r.time_step < steps - 1:
+                    move(row, "working_state", "written", live_b)
+            if r.bp_calls:
+                row = new_row(r.layer, "bp", r.time_step, r.kind)
+                row.vector_per_sample = n_bp * per
+                spike_b, mem_b = n_bp * batch / 8, n_bp * batch * membrane_bits / 8
+                row.sram_bytes = n_bp * batch * 4 * state_b
+                for part, nbytes in (("spikes", spike_b), ("membrane", mem_b)):
+                    if (r.layer, part) in kept:
+                        row.sram_bytes += nbytes
+                    else:
+                        move(row, "saved_state", "read", nbytes)
+                live_b = n_bp * batch * state_b  # the error carried to the previous step
+                if r.layer not in live_kept:
+                    if r.time_step < steps - 1:
+                        move(row, "working_state", "read", live_b)
+                    if r.time_step > 0:
+                        move(row, "working_state", "written", live_b)
+        elif r.kind == "norm":
+            row.vector_per_sample = n_fp * NORM_FP_OPS[r.training]
+            row.sram_bytes = n_fp * batch * (3 if r.training else 2) * state_b
+            if r.bp_calls:
+                row = new_row(r.layer, "bp", r.time_step, r.kind)
+                row.vector_per_sample = n_bp * NORM_BP_OPS
+                row.sram_bytes = n_bp * batch * 3 * state_b
+                if r.has_params:
+                    row = new_row(r.layer, "wg", r.time_step, r.kind)
+                    row.vector_per_sample = n_bp * NORM_WG_OPS
+                    row.sram_bytes = n_bp * batch * 2 * state_b
+        else:  # pool
+            out_fp = r.out_elems * r.fp_calls
+            row.vector_per_sample = n_fp
+            in_b = 1 / 8 if r.in_spikes else state_b
+            row.sram_bytes = batch * (n_fp * in_b + out_fp * state_b)
+            if r.bp_calls:
+                row = new_row(r.layer, "bp", r.time_step, r.kind)
+                row.vector_per_sample = n_bp
+                row.sram_bytes = batch * (n_bp + r.out_elems * r.bp_calls) * state_b
+        if r.kind != "pool" and r.layer not in first_fp and counts.params.get(r.layer):
+            first_fp.add(r.layer)  # parameters (BN affine, neuron constants) read once
+            move(layout.by_key[(r.layer, "fp")][0], "weights", "read",
+                 counts.params[r.layer] * weight_b)
+
+
+def _gradient_partials(
+    layout: _Layout, weights: dict[str, int], resident: set[str], state_b: float
+) -> None:
+    """Gradient partials of layers whose accumulators do not fit: written after every backward
+    time step but the last, read before every one but the first (time runs backwards); each
+    transfer is the layer's weights x `state_b` bytes."""
+    for (layer, phase), group in list(layout.by_key.items()):
+        if phase == "wg" and layer in weights and layer not in resident and len(group) > 1:
+            g_bytes = weights[layer] * state_b
+            ordered = sorted(group, key=lambda row: row.time_step)
+            for row in ordered[1:]:
+                layout.move(row, "gradients", "written", g_bytes)
+            for row in ordered[:-1]:
+                layout.move(row, "gradients", "read", g_bytes)
+
+
+def _optimizer_updates(
+    layout: _Layout, counts: StepCounts, cfg: ChipConfig, widths: _Widths
+) -> None:
+    """Optimizer update of every module that received gradients, after its last backward row
+    (the WG row of time step 0, or a new one): vector ops `OPTIMIZER_OPS` per parameter, SRAM
+    bytes, optimizer state read and written and updated weights written to DRAM (bytes)."""
+    state_b, weight_b = widths.state_b, widths.weight_b
+    syn, elements = counts.synaptic, list(counts.elements.values())
+    updated = {r.layer for r in syn.values() if r.wg is not None and r.wg_needed}
+    updated |= {r.layer for r in elements if r.bp_calls and r.kind != "pool"}
+    n_states = OPTIMIZER_STATES[cfg.optimizer]
+    for layer in counts.layer_order:
+        n_params = counts.params.get(layer, 0)
+        if not n_params or layer not in updated:
+            continue
+        group = layout.by_key.get((layer, "wg"))
+        if group:
+            row = min(group, key=lambda row: row.time_step)
+        else:
+            kind = next(r.kind for r in layout.rows if r.layer == layer)
+            row = layout.new_row(layer, "wg", 0, kind)
+        row.vector_global += n_params * OPTIMIZER_OPS[cfg.optimizer]
+        row.sram_bytes += n_params * (2 * weight_b + state_b * (1 + 2 * n_states))
+        layout.move(row, "optimizer_state", "read", n_params * n_states * state_b)
+        layout.move(row, "optimizer_state", "written", n_params * n_states * state_b)
+        layout.move(row, "weights", "written", n_params * weight_b)
 
 
 def _add_row(cost: StepCost, row: _Row, cycles: int, executed: float, flops: float,
