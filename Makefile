@@ -1,14 +1,18 @@
 # `make run`  : create .venv if missing, install, run the embedded federation + final evaluation
-# `make test` : create .venv if missing, install, run the test suite
+# `make test` : install what the suite needs (Prometheus included), create .venv, run the suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 EXTRAS ?= dev
 
-.PHONY: run test bench lint clean
+.PHONY: run test bench lint clean system-test
 
 $(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "error: spikefed needs Python >= 3.11 as $(PYTHON) (make PYTHON=python3.11 ...)" >&2; exit 1; }
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || \
+		{ echo "error: $(PYTHON) lacks venv/ensurepip: install Debian's python3-venv" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
@@ -17,8 +21,20 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/spikefed-run $(ARGS)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+# the monitoring tests run a real Prometheus server and promtool (Debian's prometheus package);
+# they start their own server on loopback, so the package's service is never used
+system-test:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+		command -v apt-get >/dev/null || { echo "error: the tests need prometheus and promtool on PATH; install Prometheus (no apt-get here)" >&2; exit 1; }; \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || { command -v sudo >/dev/null && sudo="sudo -n"; } || \
+			{ echo "error: the tests need Debian's prometheus package: run 'sudo apt-get install prometheus' (not root, no sudo)" >&2; exit 1; }; \
+		echo "installing Debian's prometheus package (for the monitoring tests)"; \
+		$$sudo apt-get update -qq && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null || \
+			{ echo "error: could not install Debian's prometheus package; install it (apt-get install prometheus) and rerun" >&2; exit 1; }; }
+
+test: system-test $(STAMP)
+	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python -m pytest $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'

@@ -47,8 +47,12 @@ from shared.attack import (  # noqa: E402
     topk_baseline,
 )
 from shared.data import dataset_info, load_dataset  # noqa: E402
-from shared.evaluate import evaluate_model  # noqa: E402
-from shared.snn import SURROGATES, build_model, model_layout  # noqa: E402
+from shared.snn import (  # noqa: E402
+    SURROGATES,
+    build_model,
+    evaluate_model,  # noqa: E402
+    model_layout,
+)
 
 VICTIM_SURROGATES = ("atan", "sigmoid", "rectangle")
 EPS = (8, 16, 32)  # / 255

@@ -45,7 +45,7 @@ from shared.convert import (  # noqa: E402
     to_qc_ann,
 )
 from shared.data import load_dataset  # noqa: E402
-from shared.evaluate import evaluate_model  # noqa: E402
+from shared.snn import evaluate_model  # noqa: E402
 
 
 def train(model: nn.Module, data: TensorDataset, epochs: int, lr: float, seed: int,

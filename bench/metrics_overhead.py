@@ -37,8 +37,9 @@ from bench.common import alternate, print_table, warn_if_busy  # noqa: E402
 from client.train import train_local  # noqa: E402
 from server.metrics import MetricsExporter  # noqa: E402
 from server.strategy import RoundStats  # noqa: E402
-from shared.config import RunConfig, build_from_spec  # noqa: E402
+from shared.config import RunConfig  # noqa: E402
 from shared.data import load_dataset, partition_indices  # noqa: E402
+from shared.rebuild import build_from_spec  # noqa: E402
 from shared.snn import model_layout  # noqa: E402
 
 

@@ -26,10 +26,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import alternate, print_table, warn_if_busy  # noqa: E402
-from shared.config import RunConfig, build_from_spec  # noqa: E402
+from shared.config import RunConfig  # noqa: E402
 from shared.data import load_dataset  # noqa: E402
 from shared.neurocore import ChipConfig, NeuroCore  # noqa: E402
 from shared.neurocore.cost import StepPlan  # noqa: E402
+from shared.rebuild import build_from_spec  # noqa: E402
 from shared.snn import model_layout  # noqa: E402
 
 TARGET = 1.15

@@ -8,19 +8,24 @@ the update compressed to `update-bits` integer codes (`update_records`) and a Me
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import TensorDataset
 
 from client.train import train_local
-from shared.config import RunConfig, build_from_spec
+from shared import reply
+from shared.config import RunConfig
 from shared.data import load_dataset, partition_indices
-from shared.evaluate import evaluate_model
 from shared.neurocore import ChipConfig
-from shared.quant.update import FULL_PRECISION, EncodedTensor, encode_update
-from shared.snn import federated_state, load_federated_state, model_layout, spike_density
+from shared.rebuild import build_from_spec
+from shared.snn import (
+    evaluate_model,
+    federated_state,
+    load_federated_state,
+    model_layout,
+    spike_density,
+)
 
 app = ClientApp()
 
@@ -54,11 +59,11 @@ def node_data(config: RunConfig, node_config: dict, split: str) -> TensorDataset
 
 
 def _setup(msg: Message) -> tuple[RunConfig, torch.nn.Module, int, dict[str, torch.Tensor]]:
-    raw = dict(msg.content["config"])
+    raw = dict(msg.content[reply.CONFIG])
     server_round = int(raw.pop("server-round", 0))
     config = RunConfig.parse(raw)
     model = build_from_spec(config.model_spec())
-    received = msg.content["arrays"].to_torch_state_dict()
+    received = msg.content[reply.ARRAYS].to_torch_state_dict()
     load_federated_state(model, received)
     return config, model, server_round, received
 
@@ -66,21 +71,14 @@ def _setup(msg: Message) -> tuple[RunConfig, torch.nn.Module, int, dict[str, tor
 def update_records(
     state: dict[str, torch.Tensor], received: dict[str, torch.Tensor], bits: int
 ) -> dict[str, ArrayRecord | ConfigRecord]:
-    """The reply's update for the trained `state`. With `bits` = 32 the float32 weights ("arrays");
-    otherwise the update (`state` minus `received`, the global weights this round started from) as
-    packed integer codes per tensor ("arrays", uint8; float32 deltas for BN running statistics)
-    and their power-of-two scales ("update-scales"), see `shared.quant.update`. The server
-    decodes before aggregating."""
-    if bits == FULL_PRECISION:
-        return {"arrays": ArrayRecord(state)}
-    encoded = encode_update(state, received, bits)
-    arrays, scales = {}, {}
-    for name, e in encoded.items():
-        if isinstance(e, EncodedTensor):
-            arrays[name], scales[name] = Array(np.asarray(e.packed)), e.scale
-        else:
-            arrays[name] = Array(np.asarray(e))
-    return {"arrays": ArrayRecord(arrays), "update-scales": ConfigRecord(scales)}
+    """The reply's update records for the trained `state` (format: `shared.reply`)."""
+    arrays, scales = reply.encode(state, received, bits)
+    records: dict[str, ArrayRecord | ConfigRecord] = {
+        reply.ARRAYS: ArrayRecord({name: Array(value) for name, value in arrays.items()})
+    }
+    if scales is not None:
+        records[reply.SCALES] = ConfigRecord(scales)
+    return records
 
 
 @app.train()
@@ -88,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
     config, model, server_round, received = _setup(msg)
     data = node_data(config, context.node_config, "train")
     node_key = int(context.node_config.get("partition-id", context.node_id % 1_000_003))
-    node_seed = config.seed * 1_000_003 + server_round * 1_009 + node_key
+    node_seed = reply.node_seed(config.seed, server_round, node_key)
     torch.manual_seed(node_seed)
     chip = None
     if config.chip != "none":  # every local step accounted on the simulated chip
@@ -110,18 +108,17 @@ def train(msg: Message, context: Context) -> Message:
         x = data.tensors[0][:DENSITY_SAMPLES]
         density = spike_density(model, model_layout(x))
     values = {
-        "loss": result.loss,
-        "accuracy": result.accuracy,
-        "num-examples": result.num_examples,
-        "spike-density": density,
-        "train-seconds": result.seconds,
+        reply.LOSS: result.loss,
+        reply.ACCURACY: result.accuracy,
+        reply.NUM_EXAMPLES: result.num_examples,
+        reply.SPIKE_DENSITY: density,
+        reply.TRAIN_SECONDS: result.seconds,
     }
     if chip is not None:
-        values.update(
-            {"energy-j": result.energy_j, "cycles": result.cycles, "dram-bytes": result.dram_bytes}
-        )
+        values.update({reply.ENERGY_J: result.energy_j, reply.CYCLES: result.cycles,
+                       reply.DRAM_BYTES: result.dram_bytes})
     records = update_records(federated_state(model), received, config.update_bits)
-    return Message(RecordDict({**records, "metrics": MetricRecord(values)}), reply_to=msg)
+    return Message(RecordDict({**records, reply.METRICS: MetricRecord(values)}), reply_to=msg)
 
 
 @app.evaluate()
@@ -129,5 +126,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     config, model, _, _ = _setup(msg)
     data = node_data(config, context.node_config, "test")
     loss, accuracy = evaluate_model(model, data, config.eval_batch_size)
-    metrics = MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": len(data)})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord({reply.LOSS: loss, reply.ACCURACY: accuracy,
+                            reply.NUM_EXAMPLES: len(data)})
+    return Message(RecordDict({reply.METRICS: metrics}), reply_to=msg)

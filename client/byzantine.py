@@ -15,21 +15,18 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
 from client import app as honest
+from shared import reply
 from shared.byzantine import KIND_KEY, NODES_KEY, corrupt_delta
-from shared.quant.update import FULL_PRECISION, decode_update
 
 
 def reply_delta(
-    reply: Message, received: dict[str, torch.Tensor], bits: int
+    msg: Message, received: dict[str, torch.Tensor], bits: int
 ) -> dict[str, torch.Tensor]:
     """The update an honest train reply carries (its weights minus `received`)."""
-    arrays = reply.content["arrays"]
-    if bits == FULL_PRECISION:
-        trained = arrays.to_torch_state_dict()
-        return {name: trained[name] - received[name] for name in received}
-    values = {name: array.numpy() for name, array in arrays.items()}
-    shapes = {name: tuple(base.shape) for name, base in received.items()}
-    deltas = decode_update(values, dict(reply.content["update-scales"]), shapes, bits)
+    arrays = {name: array.numpy() for name, array in msg.content[reply.ARRAYS].items()}
+    scales = dict(msg.content[reply.SCALES]) if bits != reply.FULL_PRECISION else None
+    base = {name: t.numpy() for name, t in received.items()}
+    deltas = reply.decode(arrays, scales, base, bits)
     return {name: torch.from_numpy(delta) for name, delta in deltas.items()}
 
 
@@ -37,22 +34,23 @@ def byzantine_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
     """Strip the byzantine settings, run the honest handler, corrupt the reply on chosen nodes."""
     if msg.metadata.message_type != MessageType.TRAIN or "config" not in msg.content:
         return call_next(msg, context)
-    config = msg.content["config"]
+    config = msg.content[reply.CONFIG]
     nodes = int(config.pop(NODES_KEY, 0))
     kind = str(config.pop(KIND_KEY, "nan"))
-    received = msg.content["arrays"].to_torch_state_dict()
-    reply = call_next(msg, context)
+    received = msg.content[reply.ARRAYS].to_torch_state_dict()
+    answer = call_next(msg, context)
     partition_id = int(context.node_config.get("partition-id", -1))
-    if reply.has_error() or not 0 <= partition_id < nodes:
-        return reply
+    if answer.has_error() or not 0 <= partition_id < nodes:
+        return answer
     bits = int(config["update-bits"])
-    seed = int(config.get("seed", 0)) * 1_000_003 + int(config.get("server-round", 0)) * 1_009
-    generator = torch.Generator().manual_seed(seed + partition_id)
-    delta = corrupt_delta(reply_delta(reply, received, bits), kind, generator)
+    seed = reply.node_seed(int(config.get("seed", 0)), int(config.get("server-round", 0)),
+                           partition_id)
+    generator = torch.Generator().manual_seed(seed)
+    delta = corrupt_delta(reply_delta(answer, received, bits), kind, generator)
     state = {name: received[name].float() + delta[name] for name in received}
     for key, record in honest.update_records(state, received, bits).items():
-        reply.content[key] = record
-    return reply
+        answer.content[key] = record
+    return answer
 
 
 app = ClientApp(mods=[byzantine_mod])

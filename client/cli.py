@@ -10,56 +10,30 @@ built-in dataset) or `data-dir` (the device's own data); the server sends everyt
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from shared.cli import CertificateError, err_console, user_errors, wait_for_health
+from shared.errors import EXIT_FAILURE, UserError
 from shared.process import ProcessTree
 
-EXIT_UNREACHABLE = 1
-EXIT_USAGE = 2
+EXIT_UNREACHABLE = EXIT_FAILURE
 
-err_console = Console(stderr=True, highlight=False)
 cli = typer.Typer(add_completion=False, rich_markup_mode="rich")
 
-F = TypeVar("F", bound=Callable[..., Any])
 
-
-class ClientError(Exception):
-    """A one-line failure of `spikefed-client`, with its exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def one_line_errors(fn: F) -> F:
-    """Print a ClientError as one line on stderr and exit with its code (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ClientError as err:
-            err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
-            sys.exit(err.code)
-
-    return wrapper  # type: ignore[return-value]
+class ClientError(UserError):
+    """A one-line failure of `spikefed-client`; exit code 2 (usage) unless given."""
 
 
 def check_server_address(text: str) -> str:
@@ -109,37 +83,23 @@ def check_auth_key(path: Path) -> Path:
 
 
 def wait_for_server(server: str, ca_cert: Path | None, timeout_s: float) -> None:
-    """Poll `https://SERVER/health` (or http with --insecure) until it answers, at most
-    `timeout_s` seconds. Certificate errors fail at once: waiting would not fix them."""
-    scheme = "https" if ca_cert else "http"
-    url = f"{scheme}://{server}/health"
-    context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=max(0.5, min(5.0, timeout_s)),
-                                        context=context) as reply:
-                if reply.status == 200:
-                    return
-                last = f"HTTP {reply.status}"
-        except urllib.error.URLError as err:
-            if isinstance(err.reason, ssl.SSLCertVerificationError):
-                raise ClientError(
-                    f"the server at {server} has a certificate that --ca-cert {ca_cert} does not "
-                    f"verify ({err.reason.verify_message}); use the ca.crt the server's "
-                    "certificates were made with, and a host name they list"
-                ) from None
-            last = str(err.reason)
-        except (OSError, ssl.SSLError) as err:
-            last = str(err)
-        if time.monotonic() >= deadline:
-            raise ClientError(
-                f"cannot reach the server at {server} after {timeout_s:g} s ({last}); check "
-                "--server, that spikefed-server runs there and that the port is open",
-                EXIT_UNREACHABLE,
-            )
-        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    """Wait until the server's `/health` answers (https with --ca-cert), at most `timeout_s`
+    seconds. Certificate errors fail at once: waiting would not fix them."""
+    url = f"{'https' if ca_cert else 'http'}://{server}/health"
+    try:
+        wait_for_health(url, ca_cert, timeout_s, every_s=1.0)
+    except CertificateError as err:
+        raise ClientError(
+            f"the server at {server} has a certificate that --ca-cert {ca_cert} does not "
+            f"verify ({err}); use the ca.crt the server's certificates were made with, and a "
+            "host name they list"
+        ) from None
+    except TimeoutError as err:
+        raise ClientError(
+            f"cannot reach the server at {server} after {timeout_s:g} s ({err}); check "
+            "--server, that spikefed-server runs there and that the port is open",
+            EXIT_UNREACHABLE,
+        ) from None
 
 
 def free_port() -> int:
@@ -244,7 +204,7 @@ def run_supernode(cmd: list[str], env: dict[str, str], deadline: float, what: st
     "--data-dir /data/mnist\n\n"
     "  spikefed-client --server 127.0.0.1:9092 --insecure --partition-id 1 --num-partitions 2"
 )
-@one_line_errors
+@user_errors
 def main(
     server: Annotated[str, typer.Option(help="HOST:PORT of spikefed-server.")],
     ca_cert: Annotated[

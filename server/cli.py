@@ -1,19 +1,20 @@
-"""What every spikefed command shares: run-config overrides and one-line user errors."""
+"""What the federation commands share: run-config overrides and resolving the run config.
+
+One-line user errors come from `shared.cli` (`user_errors`) and `shared.errors`.
+"""
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from typing import Any
 
-from shared.cli import EXIT_USAGE, USER_ERRORS, UserError, err_console, user_errors
-from shared.config import ConfigError
+from shared.cli import err_console, user_errors
+from shared.config import RunConfig
+from shared.errors import EXIT_USAGE, ConfigError, RunError, UserError
 
-__all__ = ["EXIT_USAGE", "USER_ERRORS", "RunError", "UserError", "err_console",
-           "parse_overrides", "user_errors"]
-
-
-class RunError(UserError, ValueError):
-    """A user error in how a run was started (output directory, resume)."""
+__all__ = ["EXIT_USAGE", "RunError", "UserError", "err_console", "parse_overrides",
+           "resolve_config", "user_errors"]
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
@@ -29,3 +30,19 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             values[key] = raw.strip("'\"")
     return values
+
+
+def resolve_config(
+    overrides_text: str | None, flags: Mapping[str, Any], *, metrics_port: int | None = None
+) -> RunConfig:
+    """The run config a command runs with: pyproject's defaults, then `--run-config`, then the
+    command's own flags (`flags`, run-config keys; they win). `min-nodes` is lowered to
+    `min-clients` when a run has fewer clients than it asks for."""
+    overrides = parse_overrides(overrides_text)
+    overrides.update(flags)
+    if metrics_port is not None:
+        overrides["metrics-port"] = metrics_port
+    config = RunConfig.parse(overrides)
+    if config.min_nodes > config.min_clients:
+        config = config.replace(min_nodes=config.min_clients)
+    return config

@@ -22,8 +22,6 @@ import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,11 +30,12 @@ import typer
 from rich.console import Console
 
 from server.app import RESUME_ENV
-from server.cli import UserError, err_console, parse_overrides, user_errors
-from server.federation import last_good_checkpoint
-from shared.checkpoint import find_checkpoints
+from server.cli import UserError, err_console, resolve_config, user_errors
+from shared.cli import CertificateError, wait_for_health
 from shared.config import RunConfig
+from shared.errors import EXIT_FAILURE
 from shared.process import ProcessTree
+from shared.rundir import RunDir
 
 APP_ROOT = Path(__file__).resolve().parent.parent  # holds pyproject.toml: the Flower app
 CONNECTION = "spikefed"  # the SuperLink connection name in the private config.toml
@@ -47,8 +46,10 @@ console = Console(highlight=False)
 cli = typer.Typer(add_completion=False, rich_markup_mode="rich")
 
 
-class ServerFailure(Exception):
+class ServerFailure(UserError):
     """The SuperLink or the run failed (not a usage error): one line, exit code 1."""
+
+    exit_code = EXIT_FAILURE
 
 
 @dataclass(frozen=True)
@@ -122,39 +123,10 @@ def check_auth_keys(keys_dir: Path) -> list[Path]:
     return keys
 
 
-def resolve_config(
-    overrides_text: str, rounds: int, min_clients: int, out: Path, metrics_port: int | None
-) -> RunConfig:
-    """The run config the ServerApp will see: pyproject defaults + `--run-config` + the flags."""
-    overrides = parse_overrides(overrides_text)
-    overrides.update(
-        {"num-server-rounds": rounds, "min-clients": min_clients, "out-dir": str(out)}
-    )
-    if metrics_port is not None:
-        overrides["metrics-port"] = metrics_port
-    config = RunConfig.parse(overrides)
-    if config.min_nodes > min_clients:
-        config = config.replace(min_nodes=min_clients)
-    return config
-
-
 def check_out_dir(out: Path, resume: bool) -> int:
     """Refuse to overwrite a run without `--resume`, and to resume nothing, before any process
     starts (the ServerApp checks again); returns the round the run continues after."""
-    checkpoints = out / "checkpoints"
-    if not resume:
-        if find_checkpoints(checkpoints):
-            raise UserError(
-                f"{out} already holds a run; pass --resume to continue it or choose another --out"
-            )
-        return 0
-    found = last_good_checkpoint(checkpoints)
-    if found is None:
-        raise UserError(
-            f"--resume: no valid checkpoint in {checkpoints}; "
-            "run without --resume to start a new run there"
-        )
-    return int(found[2]["round"])
+    return RunDir(out).check_start(resume)
 
 
 def toml_value(value: Any) -> str:
@@ -219,37 +191,29 @@ def _tool(name: str) -> str:
 def wait_healthy(
     proc: subprocess.Popen, endpoint: Endpoint, ca_cert: Path | None, log_path: Path
 ) -> None:
-    """Poll the SuperLink's `/health` until it answers 200; fail if the process exits first."""
-    scheme = "https" if ca_cert else "http"
-    url = f"{scheme}://{endpoint.local}/health"
-    context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
-    deadline = time.monotonic() + HEALTH_TIMEOUT_S
-    last = "no answer"
-    while time.monotonic() < deadline:
+    """Wait for the SuperLink's `/health` to answer 200; fail if the process exits first."""
+    url = f"{'https' if ca_cert else 'http'}://{endpoint.local}/health"
+
+    def still_running() -> None:
         if proc.poll() is not None:
             raise ServerFailure(
                 f"the SuperLink exited with code {proc.returncode} at start: "
                 f"{_last_error(log_path)} (full log: {log_path})"
             )
-        try:
-            with urllib.request.urlopen(url, timeout=2, context=context) as reply:
-                if reply.status == 200:
-                    return
-        except urllib.error.URLError as err:
-            if isinstance(err.reason, ssl.SSLCertVerificationError):
-                raise UserError(
-                    f"the SuperLink's certificate does not verify for {endpoint.local} "
-                    f"({err.reason.verify_message}); spikefed-server reaches its own SuperLink "
-                    "there: make the certificates with deploy/certs/generate.sh"
-                ) from None
-            last = str(err.reason)
-        except OSError as err:
-            last = str(err)
-        time.sleep(0.5)
-    raise ServerFailure(
-        f"the SuperLink at {url} was not healthy after {HEALTH_TIMEOUT_S:.0f} s ({last}); "
-        f"see {log_path}"
-    )
+
+    try:
+        wait_for_health(url, ca_cert, HEALTH_TIMEOUT_S, check=still_running)
+    except CertificateError as err:
+        raise UserError(
+            f"the SuperLink's certificate does not verify for {endpoint.local} ({err}); "
+            "spikefed-server reaches its own SuperLink there: make the certificates with "
+            "deploy/certs/generate.sh"
+        ) from None
+    except TimeoutError as err:
+        raise ServerFailure(
+            f"the SuperLink at {url} was not healthy after {HEALTH_TIMEOUT_S:.0f} s ({err}); "
+            f"see {log_path}"
+        ) from None
 
 
 def _last_error(log_path: Path) -> str:
@@ -389,7 +353,8 @@ def main(
                         "use --tls-dir instead of --insecure")
     keys = check_auth_keys(auth_keys) if auth_keys is not None else []
     out = out.expanduser().resolve()  # the ServerApp runs elsewhere: paths must be absolute
-    config = resolve_config(run_config, rounds, min_clients, out, metrics_port)
+    config = resolve_config(run_config, {"num-server-rounds": rounds, "min-clients": min_clients,
+                                          "out-dir": str(out)}, metrics_port=metrics_port)
     done_before = check_out_dir(out, resume)
     if not (APP_ROOT / "pyproject.toml").is_file():
         raise UserError(f"{APP_ROOT} has no pyproject.toml: run spikefed-server from a source "
@@ -440,9 +405,6 @@ def main(
     except KeyboardInterrupt:
         err_console.print("stopping the SuperLink")
         raise typer.Exit(130) from None
-    except (ServerFailure, UserError) as err:
-        err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
-        raise typer.Exit(2 if isinstance(err, UserError) else 1) from None
     finally:
         for tree in (flwr_run, superlink):
             if tree is not None:
@@ -452,7 +414,7 @@ def main(
 def _print_result(out: Path, record: dict[str, Any]) -> None:
     from server.run import summary_table
 
-    summary = json.loads((out / "summary.json").read_text())
+    summary = RunDir(out).read_summary()
     if summary["history"]:
         console.print(summary_table(summary))
     wire = record.get("network-traffic", {}).get("total-bytes", 0)
@@ -460,7 +422,7 @@ def _print_result(out: Path, record: dict[str, Any]) -> None:
     console.print(
         f"final accuracy [bold]{summary['final_accuracy']:.2%}[/] after {summary['rounds']} rounds;"
         f" this run {record.get('elapsed', 0):.0f}s, Fleet API traffic {wire / 1e6:.2f} MB "
-        f"({wire / rounds / 1e6:.2f} MB/round); summary: {out / 'summary.json'}"
+        f"({wire / rounds / 1e6:.2f} MB/round); summary: {RunDir(out).summary_file}"
     )
 
 

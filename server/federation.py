@@ -1,10 +1,5 @@
-"""One federated run on the server side: rounds, global evaluation, checkpoints and run records.
-
-    runs/<name>/checkpoints/round-NNN.safetensors (+ .json)   global model after round NNN
-    runs/<name>/metrics.jsonl                                 one JSON object per finished round
-    runs/<name>/summary.json                                  rounds, accuracy, history, config
-    runs/<name>/neurocore/                                    chip report of the final model
-    runs/<name>/checkpoints/snn-round-NNN.safetensors         train-mode qann: converted SNN
+"""One federated run on the server side: rounds, global evaluation, checkpoints and run records
+(the files are laid out by `shared.rundir`).
 
 `Federation.run(grid)` drives the configured Flower strategy (`server.strategy`). After each round
 it evaluates the global model on the test split, writes the checkpoint atomically, appends the
@@ -20,7 +15,6 @@ both accuracies.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -31,14 +25,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from server.cli import RunError
 from server.strategy import RoundStats, make_strategy, privacy_summary
 from shared.byzantine import KIND_KEY, NODES_KEY, check_kind
-from shared.checkpoint import CheckpointError, find_checkpoints, load_checkpoint, save_checkpoint
-from shared.config import RunConfig, build_from_spec
+from shared.checkpoint import save_checkpoint
+from shared.config import RunConfig
 from shared.data import load_dataset
-from shared.evaluate import evaluate_model
-from shared.snn import federated_state, load_federated_state, model_layout
+from shared.errors import RunError
+from shared.rebuild import build_from_spec, converted_metadata
+from shared.rundir import RoundRecord, RunDir
+from shared.snn import evaluate_model, federated_state, load_federated_state, model_layout
 
 log = logging.getLogger("spikefed")
 
@@ -48,7 +43,7 @@ class Observer(Protocol):
 
     def on_start(self, config: RunConfig, first_round: int, initial: dict[str, Any]) -> None: ...
     def on_round_start(self, stats: RoundStats) -> None: ...
-    def on_round_end(self, entry: dict[str, Any]) -> None: ...
+    def on_round_end(self, record: RoundRecord) -> None: ...
 
 
 class Observers:
@@ -65,21 +60,9 @@ class Observers:
         for observer in self.observers:
             observer.on_round_start(stats)
 
-    def on_round_end(self, entry: dict[str, Any]) -> None:
+    def on_round_end(self, record: RoundRecord) -> None:
         for observer in self.observers:
-            observer.on_round_end(entry)
-
-
-def last_good_checkpoint(checkpoint_dir: Path) -> tuple[Path, dict, dict] | None:
-    """The newest checkpoint that loads and verifies, as (path, tensors, metadata)."""
-    for path in reversed(find_checkpoints(checkpoint_dir)):
-        try:
-            tensors, meta = load_checkpoint(path)
-        except CheckpointError as err:
-            log.warning("skipping checkpoint: %s", err)
-            continue
-        return path, tensors, meta
-    return None
+            observer.on_round_end(record)
 
 
 class Federation:
@@ -98,62 +81,35 @@ class Federation:
         self.config = config
         self.byzantine = (byzantine_nodes, check_kind(byzantine_kind)) if byzantine_nodes else None
         self.out_dir = Path(out_dir or config.out_dir)
-        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.run_dir = RunDir(self.out_dir)
         self.observer = observer
         torch.manual_seed(config.seed)
         self.spec = config.model_spec()
         self.model = build_from_spec(self.spec)
         self.test_set = load_dataset(config.dataset, "test", data_dir=config.data_dir or None)
-        self.history: list[dict[str, Any]] = []
+        self.history: list[RoundRecord] = []
         self.round_offset = 0
         self.last_checkpoint: Path | None = None
         self.chip_summary: dict[str, Any] | None = None  # the final chip report's totals
         self.conversion: dict[str, Any] | None = None  # train-mode qann: the converted SNN
+        done = self.run_dir.check_start(resume)
         if resume:
-            self._resume()
-        elif find_checkpoints(self.checkpoint_dir):
-            raise RunError(
-                f"{self.out_dir} already holds a run; pass --resume to continue it "
-                "or choose another --out"
-            )
+            self._resume(done)
 
     # -- resume ------------------------------------------------------------------------------
-    def _resume(self) -> None:
-        found = last_good_checkpoint(self.checkpoint_dir)
-        if found is None:
-            raise RunError(
-                f"--resume: no valid checkpoint in {self.checkpoint_dir}; "
-                "run without --resume to start a new run there"
-            )
-        path, tensors, meta = found
+    def _resume(self, done: int) -> None:
+        path, tensors, meta = self.run_dir.last_good_checkpoint()  # type: ignore[misc]
         if meta.get("model") != self.spec:
             raise RunError(
                 f"--resume: {path} holds model {meta.get('model')}, but the run config asks for "
                 f"{self.spec}; resume with the run's original --run-config"
             )
         load_federated_state(self.model, tensors)
-        self.round_offset = int(meta["round"])
+        self.round_offset = done
         self.last_checkpoint = path
-        self.history = [e for e in self._read_metrics() if e["round"] <= self.round_offset]
-        self._write_metrics_file()
-        log.info("resuming after round %d from %s", self.round_offset, path)
-
-    def _read_metrics(self) -> list[dict[str, Any]]:
-        path = self.out_dir / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        entries = []
-        for line in path.read_text().splitlines():
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by a crash ends the readable history
-        return entries
-
-    def _write_metrics_file(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(e) + "\n" for e in self.history)
-        (self.out_dir / "metrics.jsonl").write_text(text)
+        self.history = [r for r in self.run_dir.read_history() if r.round <= done]
+        self.run_dir.write_history(self.history)
+        log.info("resuming after round %d from %s", done, path)
 
     # -- the run -----------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict[str, Any]:
@@ -198,8 +154,8 @@ class Federation:
         x, y = self.test_set.tensors
         x, y = model_layout(x[: config.batch_size]), y[: config.batch_size]
         chip = NeuroCore(ChipConfig.preset(config.chip, optimizer=config.optimizer))
-        out = self.out_dir / "neurocore"
-        round_ = self.history[-1]["round"]
+        out = self.run_dir.neurocore_dir
+        round_ = self.history[-1].round
         report = chip.write_report(
             self.model, x, y, out, model_name=config.model,
             extra={"round": round_, "chip_preset": config.chip, "batch": "first test samples"},
@@ -220,7 +176,6 @@ class Federation:
         time-steps, calibrate it (phase 2) on a calibration split of the *train* split, evaluate
         it on the test split and checkpoint it beside the ANN as `snn-round-NNN.safetensors`."""
         from shared.convert import dual_phase_convert
-        from shared.convert.phase2 import converted_metadata
 
         config = self.config
         calib_set = load_dataset(config.dataset, "train", data_dir=config.data_dir or None)
@@ -230,13 +185,13 @@ class Federation:
         loss, accuracy = evaluate_model(snn, self.test_set, config.eval_batch_size)
         last = self.history[-1]
         path = save_checkpoint(
-            self.checkpoint_dir / f"snn-round-{last['round']:03d}.safetensors",
+            self.run_dir.converted_checkpoint(last.round),
             snn.state_dict(),
             {
-                "round": last["round"],
+                "round": last.round,
                 "accuracy": accuracy,
                 "loss": loss,
-                "ann_accuracy": last["accuracy"],
+                "ann_accuracy": last.accuracy,
                 "model": self.spec,  # the QC-ANN it was converted from (build_from_spec)
                 "dataset": config.dataset,
                 "config": config.to_flwr(),
@@ -245,10 +200,10 @@ class Federation:
             },
         )
         log.info("converted SNN (T=%d): accuracy %.4f, QC-ANN %.4f",
-                 config.time_steps, accuracy, last["accuracy"])
+                 config.time_steps, accuracy, last.accuracy)
         return {
             "time_steps": config.time_steps,
-            "ann_accuracy": last["accuracy"],
+            "ann_accuracy": last.accuracy,
             "snn_accuracy": accuracy,
             "snn_loss": loss,
             "checkpoint": str(path),
@@ -269,7 +224,7 @@ class Federation:
         loss, accuracy = evaluate_model(self.model, self.test_set, self.config.eval_batch_size)
         stats = self._strategy.rounds[global_round]
         self.last_checkpoint = save_checkpoint(
-            self.checkpoint_dir / f"round-{global_round:03d}.safetensors",
+            self.run_dir.checkpoint(global_round),
             federated_state(self.model),
             {
                 "round": global_round,
@@ -280,53 +235,52 @@ class Federation:
                 "config": self.config.to_flwr(),
             },
         )
-        entry = {
-            "round": global_round,
-            "accuracy": accuracy,
-            "loss": loss,
-            "clients": stats.clients,
-            "failed": stats.failed,
-            "rejected": stats.rejected,
-            "rejected_reasons": dict(stats.rejected_reasons),
-            "bytes_up": stats.bytes_up,
-            "bytes_down": stats.bytes_down,
-            "energy_j": stats.energy_j,
-            "cycles": stats.cycles,
-            "dram_bytes": stats.dram_bytes,
-            "duration_s": time.perf_counter() - stats.started,
-            "train_loss": stats.train_loss,
-            "train_accuracy": stats.train_accuracy,
-            "client_accuracy": stats.client_accuracy,
-            "spike_density": stats.spike_density,
-        }
-        self.history.append(entry)
-        with (self.out_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        record = RoundRecord(
+            round=global_round,
+            accuracy=accuracy,
+            loss=loss,
+            clients=stats.clients,
+            failed=stats.failed,
+            rejected=stats.rejected,
+            rejected_reasons=dict(stats.rejected_reasons),
+            bytes_up=stats.bytes_up,
+            bytes_down=stats.bytes_down,
+            energy_j=stats.energy_j,
+            cycles=stats.cycles,
+            dram_bytes=stats.dram_bytes,
+            duration_s=time.perf_counter() - stats.started,
+            train_loss=stats.train_loss,
+            train_accuracy=stats.train_accuracy,
+            client_accuracy=stats.client_accuracy,
+            spike_density=stats.spike_density,
+        )
+        self.history.append(record)
+        self.run_dir.append_round(record)
         if self.observer:
-            self.observer.on_round_end(entry)
+            self.observer.on_round_end(record)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     def _write_summary(self, initial: dict[str, Any], seconds: float) -> dict[str, Any]:
-        last = self.history[-1] if self.history else initial
+        last = self.history[-1].to_json() if self.history else initial
         summary = {
             "rounds": len(self.history),
             "final_accuracy": last["accuracy"],
             "final_loss": last["loss"],
-            "best_accuracy": max((e["accuracy"] for e in self.history), default=None),
+            "best_accuracy": max((r.accuracy for r in self.history), default=None),
             "initial": initial,
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "duration_s": seconds,
             "model": self.spec,
-            "rejected_updates": sum(int(e.get("rejected", 0)) for e in self.history),
+            "rejected_updates": sum(r.rejected for r in self.history),
             "privacy": privacy_summary(self.config),
             "byzantine": (
                 {"nodes": self.byzantine[0], "kind": self.byzantine[1]} if self.byzantine else None
             ),
-            "history": self.history,
+            "history": [r.to_json() for r in self.history],
             "neurocore": self.chip_summary,
             "conversion": self.conversion,
             "config": self.config.to_flwr(),
         }
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.run_dir.write_summary(summary)
         return summary
 

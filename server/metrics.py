@@ -42,10 +42,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client import start_http_server as _start_http_server
 from prometheus_client.exposition import generate_latest
 
-from server.cli import RunError
 from server.strategy import RoundStats
 from server.validation import REASONS
 from shared.config import RunConfig
+from shared.errors import RunError
+from shared.rundir import RoundRecord
 
 log = logging.getLogger("spikefed")
 
@@ -149,32 +150,30 @@ class MetricsExporter:
         self._stats = stats  # filled in while the round trains; read back at its end
         self.round.set(stats.round)
 
-    def on_round_end(self, entry: dict[str, Any]) -> None:
-        stats = self._stats if self._stats and self._stats.round == entry["round"] else None
-        self.round.set(entry["round"])
+    def on_round_end(self, record: RoundRecord) -> None:
+        self.round.set(record.round)
         self.rounds_completed.inc()
-        self.accuracy.set(entry["accuracy"])
-        self.loss.set(entry["loss"])
-        self.round_duration.observe(entry["duration_s"])
-        self.last_round_duration.set(entry["duration_s"])
-        self.participating.set(entry["clients"])
-        rejected = int(entry.get("rejected", 0))
-        self.updates.labels(status="accepted").inc(entry["clients"])
-        self.updates.labels(status="failed").inc(entry["failed"])
-        self.updates.labels(status="rejected").inc(rejected)
-        reasons = dict(stats.rejected_reasons) if stats else {}
-        unexplained = rejected - sum(reasons.values())
+        self.accuracy.set(record.accuracy)
+        self.loss.set(record.loss)
+        self.round_duration.observe(record.duration_s)
+        self.last_round_duration.set(record.duration_s)
+        self.participating.set(record.clients)
+        self.updates.labels(status="accepted").inc(record.clients)
+        self.updates.labels(status="failed").inc(record.failed)
+        self.updates.labels(status="rejected").inc(record.rejected)
+        reasons = dict(record.rejected_reasons)
+        unexplained = record.rejected - sum(reasons.values())
         if unexplained > 0:
             reasons["other"] = reasons.get("other", 0) + unexplained
         for reason, count in reasons.items():
             self.rejected.labels(reason=self._reason_label(reason)).inc(count)
-        self.update_bytes.labels(direction="up").inc(entry["bytes_up"])
-        self.update_bytes.labels(direction="down").inc(entry["bytes_down"])
-        self.energy.inc(entry.get("energy_j", 0.0))
-        self.dram.inc(entry.get("dram_bytes", 0))
-        self.cycles.inc(entry.get("cycles", 0))
-        if entry.get("spike_density") is not None:
-            self.spike_density.set(entry["spike_density"])
+        self.update_bytes.labels(direction="up").inc(record.bytes_up)
+        self.update_bytes.labels(direction="down").inc(record.bytes_down)
+        self.energy.inc(record.energy_j)
+        self.dram.inc(record.dram_bytes)
+        self.cycles.inc(record.cycles)
+        if record.spike_density is not None:
+            self.spike_density.set(record.spike_density)
         self._stats = None
 
     def _reason_label(self, reason: str) -> str:

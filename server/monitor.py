@@ -23,14 +23,15 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
+from shared.cli import user_errors
+from shared.errors import UserError
+
 SPARK = "▁▂▃▄▅▆▇█"
-EXIT_USAGE = 2
 console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
 cli = typer.Typer(add_completion=False, rich_markup_mode="rich")
 
 
-class MonitorError(Exception):
+class MonitorError(UserError):
     """The endpoint cannot be read or is not spikefed's: one line, exit code 2."""
 
 
@@ -199,6 +200,7 @@ def render(snap: Snapshot, history: History, url: str, status: str = "") -> Pane
     "  spikefed-monitor --url http://10.0.0.5:9464/metrics --interval 5\n\n"
     "  spikefed-monitor --once"
 )
+@user_errors
 def main(
     url: Annotated[
         str, typer.Option(help="The run's metrics endpoint (spikefed-run prints it).")
@@ -208,11 +210,7 @@ def main(
 ) -> None:
     """Watch a running federation: round, accuracy and loss, clients, updates, bytes, energy."""
     history = History()
-    try:
-        snap = scrape(url)
-    except MonitorError as err:
-        err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
-        raise typer.Exit(EXIT_USAGE) from None
+    snap = scrape(url)
     history.add(snap)
     if once:
         console.print(render(snap, history, url))

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from shared.rundir import RoundRecord, RunDir
+
 PLOTS = {
     "accuracy_loss.png": "Global accuracy and loss per round",
     "energy_dram.png": "Neuromorphic chip energy and DRAM traffic per round",
@@ -22,7 +24,7 @@ PLOTS = {
 
 def write_plots(summary: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """The three per-round plots of `summary` as PNG files in `out_dir`; none without rounds."""
-    history = summary.get("history") or []
+    history = [RoundRecord.from_json(e) for e in summary.get("history") or []]
     if not history:
         return []
     import matplotlib
@@ -32,13 +34,15 @@ def write_plots(summary: dict[str, Any], out_dir: str | Path) -> list[Path]:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rounds = [e["round"] for e in history]
+    rounds = [r.round for r in history]
     initial = summary.get("initial") or {}
     paths = []
 
     fig, acc_ax = plt.subplots(figsize=(6, 3.5))
-    points = [initial, *history] if "accuracy" in initial else list(history)
-    xs, acc, loss = ([e[k] for e in points] for k in ("round", "accuracy", "loss"))
+    points = [(r.round, r.accuracy, r.loss) for r in history]
+    if "accuracy" in initial:
+        points.insert(0, (initial["round"], initial["accuracy"], initial["loss"]))
+    xs, acc, loss = zip(*points, strict=True)
     acc_ax.plot(xs, [100 * a for a in acc], "o-", color="#4c72b0", label="accuracy")
     acc_ax.set_xlabel("round")
     acc_ax.set_ylabel("test accuracy (%)", color="#4c72b0")
@@ -49,20 +53,20 @@ def write_plots(summary: dict[str, Any], out_dir: str | Path) -> list[Path]:
     paths.append(_save(plt, fig, out / "accuracy_loss.png"))
 
     fig, energy_ax = plt.subplots(figsize=(6, 3.5))
-    energy_ax.bar(rounds, [e.get("energy_j", 0.0) * 1e3 for e in history], color="#55a868")
+    energy_ax.bar(rounds, [r.energy_j * 1e3 for r in history], color="#55a868")
     energy_ax.set_xlabel("round")
     energy_ax.set_ylabel("chip energy (mJ)", color="#55a868")
     dram_ax = energy_ax.twinx()
-    dram_ax.plot(rounds, [e.get("dram_bytes", 0) / 1e6 for e in history], "o-", color="#c44e52")
+    dram_ax.plot(rounds, [r.dram_bytes / 1e6 for r in history], "o-", color="#c44e52")
     dram_ax.set_ylabel("DRAM traffic (MB)", color="#c44e52")
     energy_ax.set_title(PLOTS["energy_dram.png"])
     paths.append(_save(plt, fig, out / "energy_dram.png"))
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.4
-    ax.bar([r - width / 2 for r in rounds], [e["bytes_up"] / 1e6 for e in history], width,
+    ax.bar([r - width / 2 for r in rounds], [r.bytes_up / 1e6 for r in history], width,
            label="up (clients -> server)", color="#8172b3")
-    ax.bar([r + width / 2 for r in rounds], [e["bytes_down"] / 1e6 for e in history], width,
+    ax.bar([r + width / 2 for r in rounds], [r.bytes_down / 1e6 for r in history], width,
            label="down (server -> clients)", color="#937860")
     ax.set_xlabel("round")
     ax.set_ylabel("MB")
@@ -88,10 +92,10 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
 
 def write_report(summary: dict[str, Any], out_dir: str | Path) -> Path:
     """Write `plots/` and `report.md` for a finished run into `out_dir`; returns report.md."""
-    out = Path(out_dir)
-    plots = write_plots(summary, out / "plots")
+    run = RunDir(Path(out_dir))
+    plots = write_plots(summary, run.plots_dir)
     config = summary.get("config") or {}
-    history = summary.get("history") or []
+    history = [RoundRecord.from_json(e) for e in summary.get("history") or []]
     lines = [
         "# spikefed run report",
         "",
@@ -114,19 +118,17 @@ def write_report(summary: dict[str, Any], out_dir: str | Path) -> Path:
             "| chip mJ | DRAM MB | seconds |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for e in history:
+        for r in history:
             lines.append(
-                f"| {e['round']} | {_pct(e['accuracy'])} | {e['loss']:.3f} | {e['clients']} "
-                f"| {e.get('failed', 0)} | {e.get('rejected', 0)} | {e['bytes_up'] / 1e6:.2f} "
-                f"| {e['bytes_down'] / 1e6:.2f} | {e.get('energy_j', 0.0) * 1e3:.3f} "
-                f"| {e.get('dram_bytes', 0) / 1e6:.2f} | {e['duration_s']:.1f} |"
+                f"| {r.round} | {_pct(r.accuracy)} | {r.loss:.3f} | {r.clients} | {r.failed} "
+                f"| {r.rejected} | {r.bytes_up / 1e6:.2f} | {r.bytes_down / 1e6:.2f} "
+                f"| {r.energy_j * 1e3:.3f} | {r.dram_bytes / 1e6:.2f} | {r.duration_s:.1f} |"
             )
         lines.append("")
     for path in plots:
         lines += [f"## {PLOTS[path.name]}", "", f"![{PLOTS[path.name]}](plots/{path.name})", ""]
-    report = out / "report.md"
-    report.write_text("\n".join(lines))
-    return report
+    run.report_file.write_text("\n".join(lines))
+    return run.report_file
 
 
 def _pct(value: float | None) -> str:

@@ -26,13 +26,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from server.cli import UserError, parse_overrides, user_errors
+from server.cli import UserError, parse_overrides, resolve_config, user_errors
 from server.federation import Federation, Observers
 from server.metrics import MetricsExporter, start_exporter
 from server.report import write_report
 from server.strategy import RoundStats
 from shared.byzantine import KINDS
 from shared.config import RunConfig
+from shared.rundir import RoundRecord, RunDir
 
 CLIENT_APP = "client.app:app"
 BYZANTINE_CLIENT_APP = "client.byzantine:app"  # the honest app behind a fault-injecting mod
@@ -59,13 +60,13 @@ class LiveProgress:
     def on_round_start(self, stats: RoundStats) -> None:
         self.progress.update(self.task, description=f"round {stats.round}/{self.total} training")
 
-    def on_round_end(self, entry: dict[str, Any]) -> None:
+    def on_round_end(self, record: RoundRecord) -> None:
         self.progress.console.print(
-            f"round {entry['round']:>3}/{self.total}  accuracy {entry['accuracy']:7.2%}  "
-            f"loss {entry['loss']:.3f}  clients {entry['clients']}"
-            + (f" ({entry['failed']} failed)" if entry["failed"] else "")
-            + (f" ({entry['rejected']} rejected)" if entry.get("rejected") else "")
-            + f"  {entry['duration_s']:.1f}s"
+            f"round {record.round:>3}/{self.total}  accuracy {record.accuracy:7.2%}  "
+            f"loss {record.loss:.3f}  clients {record.clients}"
+            + (f" ({record.failed} failed)" if record.failed else "")
+            + (f" ({record.rejected} rejected)" if record.rejected else "")
+            + f"  {record.duration_s:.1f}s"
         )
         self.progress.update(self.task, advance=1, description="evaluated")
 
@@ -74,17 +75,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title="spikefed run", title_justify="left")
     for col in ("round", "accuracy", "loss", "clients", "rejected", "MB up", "MB down", "seconds"):
         table.add_column(col, justify="right")
-    for e in summary["history"]:
-        table.add_row(
-            str(e["round"]),
-            f"{e['accuracy']:.2%}",
-            f"{e['loss']:.3f}",
-            str(e["clients"]),
-            str(e.get("rejected", 0)),
-            f"{e['bytes_up'] / 1e6:.2f}",
-            f"{e['bytes_down'] / 1e6:.2f}",
-            f"{e['duration_s']:.1f}",
-        )
+    for r in map(RoundRecord.from_json, summary["history"]):
+        table.add_row(str(r.round), f"{r.accuracy:.2%}", f"{r.loss:.3f}", str(r.clients),
+                      str(r.rejected), f"{r.bytes_up / 1e6:.2f}", f"{r.bytes_down / 1e6:.2f}",
+                      f"{r.duration_s:.1f}")
     return table
 
 
@@ -204,16 +198,11 @@ def main(
     if byzantine_kind not in KINDS:
         raise UserError(f"--byzantine-kind {byzantine_kind!r}: choose one of {', '.join(KINDS)}")
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    overrides = parse_overrides(run_config)
-    overrides.update({"min-clients": clients, "out-dir": str(out)})
+    flags: dict[str, Any] = {"min-clients": clients, "out-dir": str(out)}
     if rounds is not None:
-        overrides["num-server-rounds"] = rounds
-    port_chosen = metrics_port is not None or "metrics-port" in overrides
-    if metrics_port is not None:
-        overrides["metrics-port"] = metrics_port
-    config = RunConfig.parse(overrides)
-    if config.min_nodes > clients:
-        config = config.replace(min_nodes=clients)
+        flags["num-server-rounds"] = rounds
+    port_chosen = metrics_port is not None or "metrics-port" in parse_overrides(run_config)
+    config = resolve_config(run_config, flags, metrics_port=metrics_port)
     _quiet_frameworks(verbose)
     steps = config.model_spec()["time_steps"]  # an event dataset brings its own T
     trains = (f"QC-ANN {config.model} (L={steps}, converted to an IF SNN at the end)"
@@ -238,7 +227,7 @@ def main(
         report = write_report(summary, out)
         console.print(
             f"final accuracy [bold]{summary['final_accuracy']:.2%}[/] after {summary['rounds']} "
-            f"rounds in {summary['duration_s']:.0f}s; summary: {out / 'summary.json'}, "
+            f"rounds in {summary['duration_s']:.0f}s; summary: {RunDir(out).summary_file}, "
             f"report: {report}"
         )
         conversion = summary.get("conversion")
@@ -251,7 +240,7 @@ def main(
         if evaluate and summary.get("checkpoint"):
             # a qann run is judged by the SNN it deploys (already converted and calibrated)
             final = (conversion or {}).get("checkpoint") or summary["checkpoint"]
-            final_evaluation(Path(final), out / "evaluation", config)
+            final_evaluation(Path(final), RunDir(out).evaluation_dir, config)
         if exporter is not None and metrics_linger > 0:
             linger(exporter, metrics_linger)
     finally:

@@ -19,30 +19,12 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from shared.quant.update import FULL_PRECISION, UpdateError, check_float, decode_update, is_coded
+from shared import reply
+from shared.errors import Rejected
+from shared.reply import FULL_PRECISION, REASONS, SCALES, is_coded
 
-REASONS = (
-    "metrics",  # MetricRecord missing, or a required metric missing or not a finite number
-    "names",  # records or tensor names other than expected
-    "malformed",  # an array whose bytes do not deserialize
-    "dtype",  # float32 weights / uint8 codes expected
-    "shape",  # tensor shape or packed code length
-    "range",  # integer codes outside -q..q
-    "encoding",  # a scale that is not a power of two
-    "non-finite",  # NaN or inf in weights, scales or decoded result
-    "norm",  # update L2 norm above max-update-norm
-)
-REQUIRED_METRICS = ("num-examples", "loss", "accuracy")
-SCALES = "update-scales"
-
-
-class Rejected(ValueError):
-    """A train reply the server refuses; `reason` is one of `REASONS`."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+__all__ = ["REASONS", "Rejected", "accept", "as_flower_reply", "unusable"]
+REQUIRED_METRICS = reply.TRAIN_REQUIRED
 
 
 def check_metrics(content: RecordDict) -> None:
@@ -89,21 +71,10 @@ def decode_delta(
     content: RecordDict, global_arrays: Mapping[str, np.ndarray], bits: int
 ) -> dict[str, np.ndarray]:
     """The reply's update (weights minus the global weights), as float32 arrays."""
-    record = content.array_records["arrays"]
+    record = content.array_records[reply.ARRAYS]
     arrays = {name: _numpy(record[name], name) for name in global_arrays}
-    shapes = {name: base.shape for name, base in global_arrays.items()}
-    try:
-        if bits != FULL_PRECISION:
-            return decode_update(arrays, dict(content.config_records[SCALES]), shapes, bits)
-        deltas = {}
-        for name, base in global_arrays.items():
-            try:
-                deltas[name] = check_float(arrays[name], base.shape) - base
-            except UpdateError as err:
-                raise UpdateError(err.reason, f"{name}: {err.detail}") from None
-        return deltas
-    except UpdateError as err:
-        raise Rejected(err.reason, err.detail) from None
+    scales = dict(content.config_records[SCALES]) if bits != FULL_PRECISION else None
+    return reply.decode(arrays, scales, global_arrays, bits)
 
 
 def update_norm(deltas: Mapping[str, np.ndarray]) -> float:

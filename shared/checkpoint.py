@@ -22,14 +22,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from shared.errors import CheckpointError
+
 FORMAT = "spikefed-checkpoint/1"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt or of an unknown format (one-line message)."""
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -58,14 +56,14 @@ def save_checkpoint(
     """Write `tensors` to `path` (.safetensors) and `metadata` + sha256 to the `.json` beside it."""
     path = Path(path)
     data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    _atomic_write(path, data)
+    atomic_write(path, data)
     sidecar = {  # the file's own facts win over stale ones in `metadata` (e.g. copied meta)
         **metadata,
         "format": FORMAT,
         "sha256": hashlib.sha256(data).hexdigest(),
         "bytes": len(data),
     }
-    _atomic_write(metadata_path(path), (json.dumps(sidecar, indent=2) + "\n").encode())
+    atomic_write(metadata_path(path), (json.dumps(sidecar, indent=2) + "\n").encode())
     return path
 
 
@@ -103,7 +101,3 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {err}") from None
     return tensors, meta
 
-
-def find_checkpoints(directory: str | Path) -> list[Path]:
-    """The `round-NNN.safetensors` files in `directory`, oldest round first."""
-    return sorted(Path(directory).glob("round-[0-9][0-9][0-9]*.safetensors"))

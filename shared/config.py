@@ -22,9 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-
-class ConfigError(ValueError):
-    """A user error in the run configuration (one line: what is wrong and how to fix it)."""
+from shared.errors import ConfigError
 
 
 def _kebab(name: str) -> str:
@@ -191,23 +189,3 @@ class RunConfig(BaseModel):
     def replace(self, **changes: Any) -> RunConfig:
         return RunConfig.parse(self.to_flwr(), **changes)
 
-
-def build_from_spec(spec: Mapping[str, Any]) -> Any:
-    """The model a run or checkpoint describes (`RunConfig.model_spec()`): `build_model`, then
-    quantization-aware (`shared.quant.quantize`) unless `weight_bits` is 32. With
-    `train_mode: qann`, the zoo model's ReLU twin with clip-quantize activations of
-    L = time_steps levels (`shared.convert`), its weights fake-quantized to `weight_bits`."""
-    from shared.quant import quantize
-    from shared.snn import build_model
-
-    kwargs = dict(spec)
-    bits = int(kwargs.pop("weight_bits", 32))
-    if kwargs.pop("train_mode", "snn") == "qann":
-        from shared.convert import build_ann, to_qc_ann
-
-        ann = build_ann(kwargs["name"], in_channels=kwargs["in_channels"],
-                        num_classes=kwargs["num_classes"], input_size=kwargs["input_size"],
-                        weight_bits=bits)
-        return to_qc_ann(ann, kwargs["time_steps"])
-    model = build_model(**kwargs)
-    return model if bits == 32 else quantize(model, bits)

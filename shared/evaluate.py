@@ -23,64 +23,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-import torch.nn.functional as F
 import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
-from shared.checkpoint import CheckpointError, find_checkpoints, load_checkpoint
+from shared.checkpoint import CheckpointError
 from shared.cli import UserError, user_errors
-from shared.snn import MODELS, load_federated_state, model_layout
-
-
-def _tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(dataset, TensorDataset):
-        return dataset.tensors[0], dataset.tensors[1]
-    xs, ys = zip(*(dataset[i] for i in range(len(dataset))), strict=True)  # type: ignore[arg-type]
-    return torch.stack(xs), torch.as_tensor(ys)
-
-
-@torch.no_grad()
-def evaluate_model(
-    model: nn.Module, dataset: Dataset, batch_size: int = 500
-) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy (0..1) of `model` in eval mode over `dataset`.
-
-    Samples are `[C, H, W]` images (direct coding) or `[T, C, H, W]` event frames; event batches are
-    moved to the model's `[T, B, ...]` layout. The model's train/eval mode is restored afterwards.
-    """
-    x_all, y_all = _tensors(dataset)
-    if len(y_all) == 0:
-        raise ValueError("cannot evaluate on an empty dataset")
-    was_training = model.training
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    try:
-        for start in range(0, len(y_all), batch_size):
-            x = model_layout(x_all[start : start + batch_size])
-            y = y_all[start : start + batch_size]
-            logits = model(x)
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-    finally:
-        model.train(was_training)
-    return loss_sum / len(y_all), correct / len(y_all)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Class predictions of `model` in eval mode for samples `x` ([N, ...] dataset layout)."""
-    was_training = model.training
-    model.eval()
-    try:
-        out = [model(model_layout(x[i : i + batch_size])).argmax(1)
-               for i in range(0, len(x), batch_size)]
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
-
+from shared.rebuild import GlobalModel, load_global_model
+from shared.snn import model_layout
+from shared.snn.inference import dataset_tensors, evaluate_model, predict
 
 # ---------------------------------------------------------------------------------------------
 # options and the checkpoint
@@ -179,86 +132,6 @@ def parse_attacks(text: str) -> tuple[str, ...]:
     return names
 
 
-@dataclass
-class GlobalModel:
-    """A checkpointed global model, rebuilt: the deployed module, its tensors and metadata."""
-
-    path: Path
-    model: nn.Module
-    tensors: dict[str, torch.Tensor]
-    meta: dict[str, Any]
-    spec: dict[str, Any]
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self.meta.get("config") or {}
-
-    @property
-    def kind(self) -> str:
-        """"snn" (a trained SNN), "qann" (a clip-quantize ANN from `train-mode = "qann"`) or
-        "converted-snn" (the IF network the server converted a QC-ANN into)."""
-        return _kind(self.meta, self.spec)
-
-    @property
-    def quantized(self) -> bool:
-        """Whether the model has an integer engine (a `shared.quant.quantize` model)."""
-        from shared.quant.qat import QuantizedMixin
-
-        return isinstance(self.model, QuantizedMixin)
-
-    def rebuild(self, **changes: Any) -> nn.Module:
-        """The same weights in a model built from the spec with `changes` (e.g. time_steps)."""
-        return _build(self.path, {**self.spec, **changes}, self.tensors, self.meta)
-
-
-def _kind(meta: dict[str, Any], spec: dict[str, Any]) -> str:
-    if meta.get("kind") == "converted-snn":
-        return "converted-snn"
-    return "qann" if spec.get("train_mode") == "qann" else "snn"
-
-
-def _build(path: Path, spec: dict[str, Any], tensors: dict[str, torch.Tensor],
-           meta: dict[str, Any]) -> nn.Module:
-    from shared.config import build_from_spec
-
-    try:
-        model = build_from_spec(spec)
-        if _kind(meta, spec) == "converted-snn":
-            from shared.convert import load_converted
-
-            model = load_converted(model, tensors, meta)
-        else:
-            load_federated_state(model, tensors)
-    except (TypeError, ValueError, RuntimeError, KeyError) as err:
-        raise CheckpointError(f"checkpoint {path} does not rebuild as {spec.get('name')}: "
-                              f"{str(err).splitlines()[0]}") from None
-    return model.eval()
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory (its newest checkpoint)."""
-    path = Path(path)
-    if path.is_dir():
-        found = find_checkpoints(path / "checkpoints") or find_checkpoints(path)
-        if not found:
-            raise CheckpointError(f"{path} holds no round-NNN.safetensors checkpoint; pass a "
-                                  "checkpoint file or a run directory")
-        return found[-1]
-    return path
-
-
-def load_global_model(path: str | Path) -> GlobalModel:
-    """Load and verify a checkpoint (sha256) and rebuild its model from the metadata."""
-    path = resolve_checkpoint(path)
-    tensors, meta = load_checkpoint(path)
-    spec = meta.get("model")
-    name = spec.get("name") if isinstance(spec, dict) else None
-    if name not in MODELS:
-        raise CheckpointError(f"checkpoint {path} is of an unknown model {name!r}; "
-                              f"spikefed-evaluate knows {', '.join(MODELS)}")
-    return GlobalModel(path, _build(path, spec, tensors, meta), tensors, meta, dict(spec))
-
-
 # ---------------------------------------------------------------------------------------------
 # the stages
 
@@ -287,8 +160,8 @@ def integer_check(gm: GlobalModel, test: TensorDataset, train: TensorDataset,
     from shared.quant import to_integer
 
     engine = to_integer(gm.model)
-    x_test, y_test = _tensors(test)
-    x_train, _ = _tensors(train)
+    x_test, y_test = dataset_tensors(test)
+    x_train, _ = dataset_tensors(train)
     x_all = torch.cat([x_test, x_train[: max(0, samples - len(x_test))]])  # >= the test split
     mismatches, correct, tested = 0, 0, 0
     for start in range(0, len(x_all), batch_size):
@@ -308,7 +181,7 @@ def time_sweep(gm: GlobalModel, test: TensorDataset, steps: Sequence[int],
                batch_size: int = 500) -> tuple[list[dict[str, Any]], list[str]]:
     """Accuracy of the SNN at each T (same weights). Event-frame models run at the data's T, a
     converted SNN at the T it was calibrated for."""
-    x, _ = _tensors(test)
+    x, _ = dataset_tensors(test)
     rows, notes = [], []
     converted = gm.kind == "converted-snn"
     native = int(gm.meta["time_steps"] if converted else gm.spec["time_steps"])
@@ -372,7 +245,7 @@ def run_attacks(gm: GlobalModel, test: TensorDataset, options: EvalOptions,
         return [], []
     from shared import attack
 
-    x, y = _tensors(test)
+    x, y = dataset_tensors(test)
     x, y = x[: options.samples], y[: options.samples]
     events = x.dim() == 5
     correct = predict(gm.model, x, options.batch_size) == y
@@ -445,7 +318,7 @@ def chip_figures(gm: GlobalModel, test: TensorDataset, preset: str, batch: int) 
     profiled step on the first `batch` test samples. Estimates of a modelled chip."""
     from shared.neurocore import ChipConfig, NeuroCore
 
-    x, y = _tensors(test)
+    x, y = dataset_tensors(test)
     x, y = model_layout(x[:batch]), y[:batch]
     chip = NeuroCore(ChipConfig.preset(preset))
     report = chip.profile(gm.model, x, y)

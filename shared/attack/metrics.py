@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from shared.evaluate import predict
+from shared.snn import predict
 
 from .errors import AttackError
 from .gradient import fgsm, pgd

@@ -6,7 +6,7 @@
     logits = snn(images)                                # [B, C, H, W] -> [B, classes]
 """
 
-from .phase2 import ConversionReport, decompose_errors, dual_phase_convert, load_converted
+from .phase2 import ConversionReport, decompose_errors, dual_phase_convert
 from .qc import (
     ConvertError,
     QCActivation,
@@ -31,7 +31,6 @@ __all__ = [
     "convert",
     "decompose_errors",
     "dual_phase_convert",
-    "load_converted",
     "param_groups",
     "qc",
     "qc_activations",

@@ -42,11 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
-from shared.snn import LIF, spiking_neurons
+from shared.snn import LIF
 
 from .qc import (
     ConvertError,
-    QCActivation,
     check_time_steps,
     leaf_layers,
     qc,
@@ -472,40 +471,3 @@ def dual_phase_convert(
 
 
 # -- checkpoints -------------------------------------------------------------------------------
-def converted_metadata(qc_ann: nn.Module, snn: ConvertedSNN) -> dict[str, Any]:
-    """What `load_converted` needs besides the spec of the QC-ANN: T, input rank, the thresholds
-    (they set the neurons and the scales folded into the SNN) and each v_init's shape."""
-    return {
-        "kind": "converted-snn",
-        "time_steps": snn.time_steps,
-        "in_dims": snn.in_dims,
-        "thresholds": {name: float(m.theta.detach()) for name, m in qc_activations(qc_ann)},
-    }
-
-
-def load_converted(
-    qc_ann: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any]
-) -> ConvertedSNN:
-    """Rebuild a converted SNN from its checkpoint: `qc_ann` is a fresh QC-ANN of the same
-    architecture (e.g. `build_from_spec(meta["model"])`), `tensors` / `meta` the checkpoint's."""
-    if meta.get("kind") != "converted-snn":
-        raise ConvertError("checkpoint is not a converted SNN (metadata kind != converted-snn)")
-    ann = copy.deepcopy(qc_ann)
-    modules = dict(ann.named_modules())
-    with torch.no_grad():
-        for name, theta in meta["thresholds"].items():
-            if not isinstance(modules.get(name), QCActivation):
-                raise ConvertError(f"checkpoint threshold for '{name}', not a QC activation here")
-            modules[name].theta.fill_(theta)
-    snn = convert(ann.eval(), int(meta["time_steps"]), int(meta["in_dims"]))
-    for name, neuron in spiking_neurons(snn):
-        key = f"{name}.v_init"
-        if key in tensors:
-            neuron.v_init = nn.Parameter(torch.empty_like(tensors[key]))
-    result = snn.load_state_dict(tensors, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ConvertError(f"checkpoint does not fit the converted model: missing "
-                           f"{result.missing_keys}, unexpected {result.unexpected_keys}")
-    return snn.eval()
-
-

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from shared.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """A dataset cannot be loaded or partitioned; the message is one line saying how to fix it."""

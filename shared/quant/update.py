@@ -19,7 +19,7 @@ a running variance must stay positive, and a coarse per-tensor code cannot promi
 the first round's variances, all falling from 1 to ~0.05, decode to exactly 0).
 
 Decoding checks everything a hostile sender controls (dtype, length, code range, the scale being
-a finite power of two) and raises `UpdateError` with a short `reason` the server counts.
+a finite power of two) and raises `Rejected` with a short `reason` the server counts.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from shared.errors import Rejected
+
 from .fake import check_bits, pow2_codes
 
 FULL_PRECISION = 32  # update-bits = 32: no compression, the client sends its float32 weights
@@ -41,15 +43,6 @@ STATISTICS = ("running_mean", "running_var")  # tensors whose update travels as 
 def is_coded(name: str) -> bool:
     """Whether tensor `name`'s update travels as integer codes (else as a float32 delta)."""
     return not name.endswith(STATISTICS)
-
-
-class UpdateError(ValueError):
-    """An update that cannot be decoded or accepted; `reason` is one short word for counting."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -79,17 +72,17 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 def unpack_codes(packed: np.ndarray, numel: int, bits: int) -> np.ndarray:
     """The inverse of `pack_codes` (int32 codes [numel]); refuses a wrong dtype, length or range."""
     if packed.dtype != np.uint8 or packed.ndim != 1:
-        raise UpdateError("dtype", f"codes must be a 1-d uint8 array, got {packed.dtype} "
+        raise Rejected("dtype", f"codes must be a 1-d uint8 array, got {packed.dtype} "
                           f"{list(packed.shape)}")
     if packed.size != packed_size(numel, bits):
-        raise UpdateError("shape", f"{packed.size} code bytes for {numel} values at {bits} bits "
+        raise Rejected("shape", f"{packed.size} code bytes for {numel} values at {bits} bits "
                           f"(expected {packed_size(numel, bits)})")
     planes = np.unpackbits(packed, count=numel * bits, bitorder="little").reshape(numel, bits)
     stored = planes.astype(np.int32) @ (1 << np.arange(bits, dtype=np.int32))
     q = qmax(bits)
     outside = int((stored > 2 * q).sum())
     if outside:
-        raise UpdateError("range", f"{outside} codes outside -{q}..{q}")
+        raise Rejected("range", f"{outside} codes outside -{q}..{q}")
     return stored - q
 
 
@@ -106,18 +99,18 @@ def encode_tensor(delta: Tensor, bits: int) -> EncodedTensor:
 def check_scale(scale: object) -> float:
     """A scale must be a finite positive power of two (it is 2**e)."""
     if isinstance(scale, bool) or not isinstance(scale, int | float):
-        raise UpdateError("encoding", f"scale {scale!r} is not a number")
+        raise Rejected("encoding", f"scale {scale!r} is not a number")
     if not math.isfinite(scale):
-        raise UpdateError("non-finite", f"scale is {scale}")
+        raise Rejected("non-finite", f"scale is {scale}")
     if scale <= 0 or math.frexp(scale)[0] != 0.5:
-        raise UpdateError("encoding", f"scale {scale!r} is not a power of two")
+        raise Rejected("encoding", f"scale {scale!r} is not a power of two")
     return float(scale)
 
 
 def decode_tensor(
     packed: np.ndarray, scale: object, shape: tuple[int, ...], bits: int
 ) -> np.ndarray:
-    """delta_hat = code * scale as float32 of `shape`; raises `UpdateError` on anything off."""
+    """delta_hat = code * scale as float32 of `shape`; raises `Rejected` on anything off."""
     value = check_scale(scale)
     numel = math.prod(shape)
     codes = unpack_codes(packed, numel, bits)
@@ -127,11 +120,11 @@ def decode_tensor(
 def check_float(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """A float32 array of `shape` with finite values (a statistics delta, or full weights)."""
     if value.dtype != np.float32:
-        raise UpdateError("dtype", f"{value.dtype}, expected float32")
+        raise Rejected("dtype", f"{value.dtype}, expected float32")
     if value.shape != tuple(shape):
-        raise UpdateError("shape", f"{list(value.shape)}, expected {list(shape)}")
+        raise Rejected("shape", f"{list(value.shape)}, expected {list(shape)}")
     if not np.isfinite(value).all():
-        raise UpdateError("non-finite", "holds NaN or inf")
+        raise Rejected("non-finite", "holds NaN or inf")
     return value
 
 
@@ -157,11 +150,11 @@ def decode_update(
 ) -> dict[str, np.ndarray]:
     """The float32 deltas of an update sent as `arrays` (packed codes, or float32 deltas for the
     statistics) and `scales` (one per coded tensor); its names must be exactly those of `shapes`.
-    Raises `UpdateError` with the first problem found."""
+    Raises `Rejected` with the first problem found."""
     coded = {name for name in shapes if is_coded(name)}
     if set(arrays) != set(shapes) or set(scales) != coded:
         missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes))
-        raise UpdateError("names", f"tensors missing {missing[:5]}, unexpected {extra[:5]}, "
+        raise Rejected("names", f"tensors missing {missing[:5]}, unexpected {extra[:5]}, "
                           f"or scales not exactly those of the coded tensors")
     deltas = {}
     for name, shape in shapes.items():
@@ -170,6 +163,6 @@ def decode_update(
                 deltas[name] = decode_tensor(arrays[name], scales[name], shape, bits)
             else:
                 deltas[name] = check_float(arrays[name], shape)
-        except UpdateError as err:
-            raise UpdateError(err.reason, f"{name}: {err.detail}") from None
+        except Rejected as err:
+            raise Rejected(err.reason, f"{name}: {err.detail}") from None
     return deltas

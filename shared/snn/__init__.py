@@ -5,6 +5,7 @@
     logits = model(images)          # [B, 1, 28, 28] in [0, 1] -> [B, 10], averaged over T
 """
 
+from .inference import dataset_tensors, evaluate_model, predict
 from .models import (
     MODELS,
     SpikingNet,
@@ -25,12 +26,15 @@ __all__ = [
     "SpikingNet",
     "Surrogate",
     "build_model",
+    "dataset_tensors",
+    "evaluate_model",
     "federated_state",
     "get_surrogate",
     "load_federated_state",
     "model_layout",
     "multistep_reference",
     "over_time",
+    "predict",
     "spike_density",
     "spiking_neurons",
 ]

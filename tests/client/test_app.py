@@ -11,10 +11,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Reco
 
 from client.app import app, node_data
 from client.train import train_local
-from shared.config import RunConfig, build_from_spec
+from shared.config import RunConfig
 from shared.data import load_dataset
 from shared.neurocore import ChipConfig
 from shared.quant.update import decode_tensor, decode_update
+from shared.rebuild import build_from_spec
 from shared.snn import federated_state
 
 CONFIG = RunConfig.parse({"dataset": "digits", "time-steps": 2, "local-epochs": 1,

@@ -15,7 +15,8 @@ from client.app import app as honest_app
 from client.byzantine import app as byzantine_app
 from client.byzantine import reply_delta
 from shared.byzantine import FACTOR, KIND_KEY, NODES_KEY
-from shared.config import ConfigError, RunConfig, build_from_spec
+from shared.config import ConfigError, RunConfig
+from shared.rebuild import build_from_spec
 from shared.snn import federated_state
 
 CONFIG = RunConfig.parse({"dataset": "digits", "time-steps": 2, "local-epochs": 1,

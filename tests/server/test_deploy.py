@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.checkpoint import find_checkpoints, load_checkpoint
+from shared.checkpoint import load_checkpoint
 from shared.process import ProcessTree, descendants, kill_all
+from shared.rundir import find_checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ("dataset=digits model=mlp time-steps=2 local-epochs=1 chip=none fraction-evaluate=0.0 "

@@ -25,6 +25,7 @@ from server.metrics import KNOWN_REASONS, MAX_REASONS, MetricsExporter, start_ex
 from server.monitor import History, Snapshot, parse_metrics, sparkline
 from server.strategy import RoundStats
 from shared.config import RunConfig
+from shared.rundir import RoundRecord
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -38,13 +39,13 @@ SPEC_METRICS = {
 }
 
 
-def entry(round_: int, **changes) -> dict:
-    """A history entry as `Federation` hands it to observers."""
+def entry(round_: int, **changes) -> RoundRecord:
+    """A round record as `Federation` hands it to observers."""
     base = {"round": round_, "accuracy": 0.5 + round_ / 10, "loss": 2.0 - round_ / 10,
             "clients": 3, "failed": 1, "rejected": 0, "bytes_up": 1000, "bytes_down": 3000,
             "energy_j": 0.25, "cycles": 700, "dram_bytes": 5000, "duration_s": 4.0,
             "spike_density": 0.125}
-    return {**base, **changes}
+    return RoundRecord(**{**base, **changes})
 
 
 def play(exporter: MetricsExporter, rounds: int, *, first: int = 1,
@@ -56,7 +57,8 @@ def play(exporter: MetricsExporter, rounds: int, *, first: int = 1,
         exporter.on_round_start(stats)
         stats.rejected_reasons = dict(reasons or {})
         stats.rejected = sum(stats.rejected_reasons.values())
-        exporter.on_round_end(entry(r, rejected=stats.rejected))
+        exporter.on_round_end(entry(r, rejected=stats.rejected,
+                                    rejected_reasons=dict(stats.rejected_reasons)))
 
 
 def samples(exporter: MetricsExporter) -> dict[tuple[str, tuple], float]:

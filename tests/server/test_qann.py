@@ -9,11 +9,13 @@ import sys
 
 import pytest
 
-from shared.checkpoint import find_checkpoints, load_checkpoint
-from shared.config import ConfigError, RunConfig, build_from_spec
-from shared.convert import QCActivation, load_converted
+from shared.checkpoint import load_checkpoint
+from shared.config import ConfigError, RunConfig
+from shared.convert import QCActivation
 from shared.data import load_dataset
-from shared.evaluate import evaluate_model
+from shared.rebuild import build_from_spec, load_converted
+from shared.rundir import find_checkpoints
+from shared.snn import evaluate_model
 
 
 def test_train_mode_is_validated_and_builds_the_qc_ann():

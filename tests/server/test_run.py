@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from shared.checkpoint import find_checkpoints, load_checkpoint
+from shared.checkpoint import load_checkpoint
+from shared.rundir import find_checkpoints
 
 HISTORY_KEYS = {"round", "accuracy", "loss", "clients", "bytes_up", "bytes_down", "energy_j",
                 "cycles", "dram_bytes", "duration_s", "rejected"}

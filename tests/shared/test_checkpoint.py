@@ -9,12 +9,12 @@ import torch
 
 from shared.checkpoint import (
     CheckpointError,
-    find_checkpoints,
     load_checkpoint,
     metadata_path,
     read_metadata,
     save_checkpoint,
 )
+from shared.rundir import find_checkpoints
 
 
 @pytest.fixture

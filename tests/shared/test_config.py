@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import ConfigError, RunConfig, build_from_spec
+from shared.config import ConfigError, RunConfig
+from shared.rebuild import build_from_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 

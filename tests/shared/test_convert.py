@@ -20,14 +20,13 @@ from shared.convert import (
     convert,
     decompose_errors,
     dual_phase_convert,
-    load_converted,
     param_groups,
     qc,
     qc_activations,
     to_qc_ann,
 )
-from shared.convert.phase2 import converted_metadata
 from shared.data import load_dataset
+from shared.rebuild import converted_metadata, load_converted
 from shared.snn import IF, spiking_neurons
 
 
@@ -191,7 +190,7 @@ def test_dual_phase_convert_reports_every_stage_and_leaves_the_ann(converted, di
         assert b.clipping >= 0 and b.quantization >= 0 and 0 <= b.outside <= 1
     assert report.before[0].residual == 0
     _, test_set = digits
-    from shared.evaluate import evaluate_model
+    from shared.snn import evaluate_model
     assert evaluate_model(snn, test_set)[1] >= evaluate_model(qc_ann, test_set)[1] - 0.03
 
 

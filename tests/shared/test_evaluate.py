@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.checkpoint import metadata_path, save_checkpoint
-from shared.config import RunConfig, build_from_spec
+from shared.config import RunConfig
 from shared.data import load_dataset
 from shared.evaluate import (
     EvalOptions,
@@ -27,6 +27,7 @@ from shared.evaluate import (
     write_json,
     write_report,
 )
+from shared.rebuild import build_from_spec
 from shared.snn import federated_state, model_layout
 
 SPEC_KEYS = {"accuracy", "integer", "conversion", "attacks", "neurocore"}
@@ -112,7 +113,7 @@ def test_event_model_gets_sparse_attacks_and_its_own_time_steps(tmp_path):
 
 def test_qann_checkpoint_gets_a_conversion_sweep_and_its_snn_is_evaluable(tmp_path):
     from shared.convert import dual_phase_convert
-    from shared.convert.phase2 import converted_metadata
+    from shared.rebuild import converted_metadata
 
     path = _train_checkpoint(tmp_path / "round-001.safetensors", train_mode="qann", steps=40)
     options = EvalOptions(time_steps=(1, 2), attacks=("pgd-pdsg",), eps=(16 / 255,),

@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.errors import Rejected
 from shared.quant import weight_codes
 from shared.quant.update import (
     EncodedTensor,
-    UpdateError,
     decode_tensor,
     decode_update,
     encode_tensor,
@@ -76,7 +76,7 @@ def test_zero_update_decodes_to_zero_and_nan_update_gets_a_nan_scale():
     assert not decode_tensor(*vars(encode_tensor(torch.zeros(5), 8)).values(), (5,), 8).any()
     encoded = encode_tensor(torch.tensor([1.0, float("nan")]), 8)
     assert math.isnan(encoded.scale)
-    with pytest.raises(UpdateError) as err:
+    with pytest.raises(Rejected) as err:
         decode_tensor(encoded.packed, encoded.scale, (2,), 8)
     assert err.value.reason == "non-finite"
 
@@ -94,7 +94,7 @@ def test_zero_update_decodes_to_zero_and_nan_update_gets_a_nan_scale():
     ],
 )
 def test_decode_refuses_a_hostile_tensor_with_its_reason(packed, scale, reason):
-    with pytest.raises(UpdateError) as err:
+    with pytest.raises(Rejected) as err:
         decode_tensor(packed, scale, (2, 2), 8)
     assert err.value.reason == reason
     decode_tensor(np.zeros(4, dtype=np.uint8) + 127, 0.5, (2, 2), 8)  # the good case passes
@@ -104,7 +104,7 @@ def test_four_bit_range_check_catches_the_unused_code():
     packed = pack_codes(np.array([7, -7, 0, 3]), 4)
     assert np.array_equal(unpack_codes(packed, 4, 4), [7, -7, 0, 3])
     packed[0] |= 0x0F  # stored 15 = code +8
-    with pytest.raises(UpdateError, match="range"):
+    with pytest.raises(Rejected, match="range"):
         unpack_codes(packed, 4, 4)
 
 
@@ -123,10 +123,10 @@ def test_update_round_trip_with_float_statistics_and_name_check():
         assert np.allclose(decoded[name], (new[name] - base[name]).numpy(),
                            atol=encoded[name].scale / 2 + 1e-7)
     assert np.allclose(base["bn.running_var"].numpy() + decoded["bn.running_var"], 0.02)
-    with pytest.raises(UpdateError, match="names"):
+    with pytest.raises(Rejected, match="names"):
         decode_update({k: arrays[k] for k in ("a", "bn.running_var")}, scales, shapes, 4)
-    with pytest.raises(UpdateError, match="names"):
+    with pytest.raises(Rejected, match="names"):
         decode_update(arrays, {**scales, "bn.running_var": 1.0}, shapes, 4)
     nan = {**arrays, "bn.running_var": np.full(4, np.nan, np.float32)}
-    with pytest.raises(UpdateError, match="non-finite"):
+    with pytest.raises(Rejected, match="non-finite"):
         decode_update(nan, scales, shapes, 4)
