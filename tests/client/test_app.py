@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from support import message
 
 from client.app import app, node_data
 from client.train import train_local
@@ -27,10 +26,7 @@ def instruction(kind: str, model: torch.nn.Module, config: RunConfig = CONFIG) -
         "arrays": ArrayRecord(federated_state(model)),
         "config": ConfigRecord({**config.to_flwr(), "server-round": 1}),
     })
-    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7,
-                        reply_to_message_id="", group_id="1", created_at=time.time(),
-                        ttl=600.0, message_type=kind)
-    return Message(content=content, metadata=metadata)
+    return message(content, kind)
 
 
 def context(node_config: dict) -> Context:

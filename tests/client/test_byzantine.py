@@ -4,12 +4,12 @@ and the honest ClientApp refuses the byzantine settings."""
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from support import message
 
 from client.app import app as honest_app
 from client.byzantine import app as byzantine_app
@@ -30,10 +30,7 @@ def instruction(config: RunConfig, **extra) -> tuple[Message, dict]:
         "arrays": ArrayRecord(state),
         "config": ConfigRecord({**config.to_flwr(), "server-round": 1, **extra}),
     })
-    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7,
-                        reply_to_message_id="", group_id="1", created_at=time.time(),
-                        ttl=600.0, message_type="train")
-    return Message(content=content, metadata=metadata), state
+    return message(content, "train"), state
 
 
 def node(partition_id: int) -> Context:

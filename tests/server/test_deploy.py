@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 from shared.checkpoint import load_checkpoint
 from shared.process import ProcessTree, descendants, kill_all
@@ -29,10 +29,6 @@ HANG_GUARD_S = 400.0  # a bound on waiting, so that a broken run fails instead o
 SCRIPT_ENV = {**os.environ, "PYTHON": sys.executable}  # for keys.py where openssl/ssh are missing
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def env_for(home: Path) -> dict[str, str]:

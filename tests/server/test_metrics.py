@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from support import free_port
 
 from server.cli import RunError
 from server.metrics import KNOWN_REASONS, MAX_REASONS, MetricsExporter, start_exporter
@@ -67,10 +67,6 @@ def samples(exporter: MetricsExporter) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_labelled_counters_read_zero_before_any_round():

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from support import reply
 
 from server.strategy import make_strategy
 from shared.config import RunConfig
@@ -25,18 +24,12 @@ def replies(values: list[float], round_: int = 1) -> list[Message]:
     """Fresh train replies whose single array is filled with each value (one reply per value)."""
     out = []
     for i, value in enumerate(values):
-        instruction = Message(
-            content=RecordDict(),
-            metadata=Metadata(run_id=1, message_id=f"i{round_}-{i}", src_node_id=0,
-                              dst_node_id=i + 1, reply_to_message_id="", group_id=str(round_),
-                              created_at=time.time(), ttl=600.0, message_type="train"),
-        )
         content = RecordDict({
             "arrays": ArrayRecord({"w": Array(np.full(4, value, dtype=np.float32))}),
             "metrics": MetricRecord({"loss": 1.0, "accuracy": 0.5, "num-examples": 10,
                                      "spike-density": 0.1, "energy-j": 0.25}),
         })
-        out.append(Message(content, reply_to=instruction))
+        out.append(reply(content, node=i + 1, round_=round_))
     return out
 
 

@@ -3,8 +3,6 @@ passes, rejected updates are counted and left out, too few valid updates leave t
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -12,11 +10,10 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
-    Message,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
+from support import reply
 
 from server.strategy import make_strategy, privacy_summary, reply_bytes
 from server.validation import Rejected, accept
@@ -52,16 +49,6 @@ def content(delta: float | dict = 0.01, bits: int = 8, seed: int = 0) -> RecordD
         "update-scales": ConfigRecord({k: e.scale for k, e in coded.items()}),
         "metrics": metrics(),
     })
-
-
-def reply(body: RecordDict, node: int = 1) -> Message:
-    instruction = Message(
-        content=RecordDict(),
-        metadata=Metadata(run_id=1, message_id=f"i-{node}", src_node_id=0, dst_node_id=node,
-                          reply_to_message_id="", group_id="1", created_at=time.time(),
-                          ttl=600.0, message_type="train"),
-    )
-    return Message(body, reply_to=instruction)
 
 
 def test_a_good_compressed_update_passes_and_decodes_to_global_plus_update():
