@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from server.run import cli
 from shared.checkpoint import load_checkpoint
 from shared.rundir import find_checkpoints
 
@@ -37,25 +38,33 @@ def spikefed_run(*args: str, timeout: float = 600) -> subprocess.CompletedProces
         (["--run-config", "dp-noise-multiplier=1"], "needs dp-clipping-norm > 0"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(args, needle):
-    result = spikefed_run(*args)
-    assert result.returncode == 2, result.stderr
+def test_bad_input_is_one_line_and_exit_2(invoke, args, needle):
+    result = invoke(cli, *args)  # in-process: the checks run before any simulation starts
+    assert result.code == 2, result.stderr
     assert needle in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_resume_without_checkpoint_is_one_line(tmp_path):
-    result = spikefed_run("--out", str(tmp_path / "empty"), "--resume")
-    assert result.returncode == 2
+def test_resume_without_checkpoint_is_one_line(invoke, tmp_path):
+    result = invoke(cli, "--out", str(tmp_path / "empty"), "--resume")
+    assert result.code == 2
     assert "no valid checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_module_entry_point_reports_bad_input_in_one_line():
+    result = spikefed_run("--run-config", "time-step=4")  # `python -m server.run`, for real
+    assert result.returncode == 2 and "unknown key 'time-step'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One 3-client, 2-round run with the default config, shared by the tests that read it."""
+    """One 3-client, 2-round run with the default config (one local epoch instead of three: the
+    tests read the run's files, not its accuracy), shared by the tests that read it."""
     out = tmp_path_factory.mktemp("quick") / "run"
-    return out, spikefed_run("--clients", "3", "--rounds", "2", "--out", str(out))
+    return out, spikefed_run("--clients", "3", "--rounds", "2", "--out", str(out),
+                             "--run-config", "local-epochs=1")
 
 
 @pytest.mark.slow
