@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 
 from shared.errors import EXIT_FAILURE, EXIT_USAGE, UserError
 
@@ -37,7 +38,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True, markup=True,
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True,
                               emoji=False)
             sys.exit(err.exit_code)
 
