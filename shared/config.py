@@ -24,6 +24,10 @@ from pydantic import (
 
 from shared.errors import ConfigError
 
+# node seeds are seed * 1_000_003 + ... (shared.reply.node_seed) and must stay inside torch's and
+# numpy's seed range (0..2**63 - 1, 0..2**32 - 1 for the legacy API): 32 bits keep both
+MAX_SEED = 2**32 - 1
+
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
@@ -32,8 +36,11 @@ def _kebab(name: str) -> str:
 class RunConfig(BaseModel):
     """Every run parameter, with its default. Field `x_y` is run-config key `x-y`."""
 
+    # strict: `true` is not the number 1 nor `1.0` a count; no inf or nan anywhere (a timeout,
+    # a learning rate or a norm bound of inf means nothing)
     model_config = ConfigDict(
-        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True
+        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True, strict=True,
+        allow_inf_nan=False,
     )
 
     # federation
@@ -89,7 +96,7 @@ class RunConfig(BaseModel):
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(0.002, gt=0)
     eval_batch_size: int = Field(500, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds every random choice of the run")
     # the simulated neuromorphic chip that accounts every local training step (shared.neurocore)
     chip: str = Field("edge-int8", description="chip preset (shared.neurocore.PRESETS) or none")
     # outputs
