@@ -4,10 +4,12 @@ report to --out: report.json, rows.csv, core_scaling.csv and four PNG plots.
     python -m shared.neurocore --model csnn --time-steps 4 --cores 1,2,4,8,16,20 --out DIR
     python -m shared.neurocore --model resnet-mini --preset edge-int8 --out DIR
     python -m shared.neurocore --checkpoint runs/x/checkpoints/round-010.safetensors --out DIR
+    python -m shared.neurocore --checkpoint runs/x --out DIR      # the run's newest round
 
 The batch is the first --batch-size samples of the dataset split; the model is freshly
-initialised (seed --seed) unless --checkpoint gives trained weights. Bad input gets one line on
-stderr and exit code 2.
+initialised (seed --seed) unless --checkpoint gives a trained one (rebuilt by
+`shared.rebuild.load_global_model`). Bad input is a `shared.errors.UserError`: one line on stderr
+and exit code 2 (`shared.cli.user_errors`).
 """
 
 from __future__ import annotations
@@ -17,16 +19,13 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-EXIT_USAGE = 2
+from shared.cli import user_errors
+from shared.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{message} (see --help)")
-
-
-class _UsageError(ValueError):
-    pass
+        raise UserError(f"{message} (see --help)")
 
 
 def _cores(text: str) -> list[int]:
@@ -70,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--surrogate", default="atan", help="surrogate gradient (default atan)")
     p.add_argument("--weight-bits", type=int, default=32,
                    help="quantization-aware model with this many weight bits (default 32: float)")
-    p.add_argument("--checkpoint", type=Path, help="load trained weights (and model) from here")
+    p.add_argument("--checkpoint", type=Path,
+                   help="profile this trained model: a checkpoint or a run directory (its newest)")
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     p.add_argument("--no-plots", action="store_true", help="write JSON and CSV only")
     return p
@@ -97,16 +97,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     import torch
 
-    from shared.checkpoint import load_checkpoint
     from shared.data import dataset_info, load_dataset
     from shared.neurocore import NeuroCore, dense_workload_tflops_per_w
-    from shared.rebuild import build_from_spec
-    from shared.snn import MODELS, SURROGATES, load_federated_state, model_layout
+    from shared.quant import QuantError
+    from shared.rebuild import build_from_spec, load_global_model
+    from shared.snn import MODELS, SURROGATES, model_layout
 
     if args.batch_size < 1:
-        raise _UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.time_steps < 1:
-        raise _UsageError(f"--time-steps must be >= 1, got {args.time_steps}")
+        raise UserError(f"--time-steps must be >= 1, got {args.time_steps}")
     for option, value, allowed in (
         ("--model", args.model, list(MODELS)),
         ("--neuron", args.neuron, ["lif", "if"]),
@@ -114,14 +114,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         ("--split", args.split, ["train", "test"]),
     ):
         if value not in allowed:
-            raise _UsageError(f"{option} {value!r} is not one of: {', '.join(allowed)}")
+            raise UserError(f"{option} {value!r} is not one of: {', '.join(allowed)}")
     config = _chip(args)
+    torch.manual_seed(args.seed)
     if args.checkpoint is not None:
-        tensors, meta = load_checkpoint(args.checkpoint)
-        spec = dict(meta.get("model") or {})
-        if not spec:
-            raise _UsageError(f"{args.checkpoint} has no model description in its metadata")
-        dataset = meta.get("dataset", args.dataset)
+        trained = load_global_model(args.checkpoint)
+        model, spec = trained.model, trained.spec
+        dataset = trained.meta.get("dataset", args.dataset)
     else:
         info = dataset_info(args.dataset)
         spec = {
@@ -130,10 +129,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             "surrogate": args.surrogate, "weight_bits": args.weight_bits,
         }
         dataset = args.dataset
-    torch.manual_seed(args.seed)
-    model = build_from_spec(spec)
-    if args.checkpoint is not None:
-        load_federated_state(model, tensors)
+        try:
+            model = build_from_spec(spec)
+        except QuantError as err:
+            raise UserError(f"--weight-bits {args.weight_bits}: {err}") from None
     x, y = load_dataset(dataset, args.split).tensors
     x, y = model_layout(x[: args.batch_size]), y[: args.batch_size]
     chip = NeuroCore(config)
@@ -165,17 +164,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     return report.to_dict()
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
-    from shared.checkpoint import CheckpointError
-    from shared.data import DatasetError
-    from shared.neurocore import ChipConfigError
-    from shared.quant import QuantError
-
-    try:
-        run(argv)
-    except (_UsageError, ChipConfigError, DatasetError, CheckpointError, QuantError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    """`run`; a `UserError` (bad flag, chip config, dataset or checkpoint) exits with one line."""
+    run(argv)
     return 0
 
 

@@ -21,13 +21,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared.errors import UserError
+
 HOROWITZ = "Horowitz, 'Computing's energy problem', ISSCC 2014, Fig. 1.1.9 (45 nm, 0.9 V)"
 LI_2024 = "Li et al., 'A High Energy-Efficiency Multi-core Neuromorphic Architecture for Deep SNN "
 LI_2024 += "Training', arXiv:2412.05302 (2024)"
 A100_DATASHEET = "NVIDIA A100 Tensor Core GPU datasheet (40 GB HBM2, 2020)"
 
 
-class ChipConfigError(ValueError):
+class ChipConfigError(UserError, ValueError):
     """A bad chip configuration value (one line: what is wrong and what is allowed)."""
 
 

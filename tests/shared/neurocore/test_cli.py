@@ -8,8 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from shared.checkpoint import save_checkpoint
+from shared.data import load_dataset
+from shared.neurocore import ChipConfig, NeuroCore
 from shared.neurocore.__main__ import main as cli_main
+from shared.rebuild import build_from_spec
+from shared.snn import federated_state, model_layout
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -39,12 +45,42 @@ def test_command_line_writes_report_and_plots(tmp_path, capsys):
         (["--model", "vgg"], "--model 'vgg' is not one of"),
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["--chip-cores", "0"], "cores=0 is not allowed"),
+        (["--weight-bits", "9"], "--weight-bits 9: weight bits must be an integer in 2..8"),
+        (["--checkpoint", "missing.safetensors"], "missing.safetensors"),
+        (["--out"], "expected one argument (see --help)"),
     ],
 )
 def test_command_line_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
-    assert cli_main([*args, "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*args, "--out", str(tmp_path)])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_command_line_profiles_a_trained_checkpoint(tmp_path):
+    spec = {"name": "mlp", "in_channels": 1, "num_classes": 10, "input_size": 8,
+            "time_steps": 2, "neuron": "lif", "surrogate": "atan", "weight_bits": 4}
+    torch.manual_seed(3)
+    trained = build_from_spec(spec)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.mul_(2.0)  # weights no fresh model of any seed has
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints" / "round-002.safetensors", federated_state(trained),
+                    {"round": 2, "model": spec, "dataset": "digits"})
+    out = tmp_path / "nc"
+    args = ["--model", "csnn", "--time-steps", "5", "--batch-size", "4", "--no-plots", "--cores",
+            "1,2", "--out", str(out)]
+    assert cli_main([*args, "--checkpoint", str(run)]) == 0  # a run directory: its newest round
+    data = json.loads((out / "report.json").read_text())
+    assert data["model_spec"] == spec and data["dataset"] == "digits" and data["time_steps"] == 2
+    assert not (out / "energy_by_phase.png").exists()
+    chip = NeuroCore(ChipConfig.preset("paper-28nm-fp16"))
+    x, y = load_dataset("digits", "test").tensors
+    expected = chip.profile(trained, model_layout(x[:4]), y[:4])
+    assert data["energy_j"] == expected.energy_j and data["rows"] == json.loads(
+        json.dumps(expected.rows))
 
 
 def test_the_module_entry_point_runs():

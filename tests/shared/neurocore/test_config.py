@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.errors import UserError
 from shared.neurocore import ChipConfig, ChipConfigError
 
 PAPER = ChipConfig.preset("paper-28nm-fp16")
@@ -28,6 +29,7 @@ def test_bad_config_values_fail_with_one_clear_line():
         with pytest.raises(ChipConfigError) as info:
             ChipConfig(**kwargs)
         assert needle in str(info.value) and "\n" not in str(info.value)
+        assert isinstance(info.value, UserError) and info.value.exit_code == 2
     with pytest.raises(ChipConfigError, match="unknown chip preset 'tpu'; choose one of"):
         ChipConfig.preset("tpu")
 
