@@ -15,6 +15,9 @@ Every dataset yields `(x, y)`: `x` float32 `[N, C, H, W]` with pixel intensities
   files directly in `DIR`). `[N, 1, 28, 28]`, pixels / 255.
 - `cifar10`: CIFAR-10 binary version read from `DIR/cifar-10-batches-bin/` (or `DIR`).
   `[N, 3, 32, 32]`, pixels / 255. Parsed as raw bytes: nothing is unpickled.
+- `nmnist`, `dvs-gesture`: real event-camera recordings (N-MNIST `.bin` files; DVS Gesture in
+  tonic's layout) framed into `[N, T, 2, S, S]` binary frames by a `Framing` (T = 8, time bins,
+  S = 32 unless `framing=` says otherwise); see `shared.data.recordings`. 10 and 11 classes.
 
 The two bundled datasets need no network and no files, so tests and demos run anywhere; the
 file formats are parsed with numpy so that no downloader (torchvision) is needed. Results are
@@ -36,6 +39,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from shared.data.errors import DatasetError
+from shared.data.recordings import Framing
 
 SPLITS = ("train", "test")
 
@@ -60,10 +64,13 @@ _INFO = {
         DatasetInfo("mnist", 1, 10, 28),
         DatasetInfo("cifar10", 3, 10, 32),
         DatasetInfo("dvs-digits", 2, 10, 32, time_steps=8),
+        DatasetInfo("nmnist", 2, 10, 32, time_steps=8),  # the default Framing's T and S
+        DatasetInfo("dvs-gesture", 2, 11, 32, time_steps=8),
     )
 }
 KNOWN_DATASETS: tuple[str, ...] = tuple(_INFO)
-_NEEDS_DIR = frozenset({"mnist", "cifar10"})
+_NEEDS_DIR = frozenset({"mnist", "cifar10", "nmnist", "dvs-gesture"})
+EVENT_RECORDINGS = frozenset({"nmnist", "dvs-gesture"})  # framed by a `Framing`
 
 _MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -76,24 +83,30 @@ _CIFAR_FILES = {
 _CIFAR_RECORD = 1 + 3 * 32 * 32  # one label byte, then 1024 red, 1024 green, 1024 blue bytes
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """Channels, class count and image side length of dataset `name`."""
+def dataset_info(name: str, framing: Framing | None = None) -> DatasetInfo:
+    """Channels, class count and image side length of dataset `name` (for `nmnist` and
+    `dvs-gesture`, T and the side come from `framing`, default `Framing()`)."""
     try:
-        return _INFO[name]
+        info = _INFO[name]
     except (KeyError, TypeError):
         raise DatasetError(
             f"unknown dataset {name!r}; known datasets: {', '.join(KNOWN_DATASETS)}"
         ) from None
+    if framing is not None and name in EVENT_RECORDINGS:
+        info = DatasetInfo(name, 2, info.num_classes, framing.size, time_steps=framing.frames)
+    return info
 
 
 def load_dataset(
-    name: str, split: str = "train", data_dir: str | Path | None = None
+    name: str, split: str = "train", data_dir: str | Path | None = None,
+    framing: Framing | None = None,
 ) -> TensorDataset:
     """Load `split` ("train" or "test") of dataset `name` as a `TensorDataset(x, y)`.
 
-    `data_dir` is required for `mnist` and `cifar10` and ignored for the bundled datasets (an
-    empty string counts as not given). The tensors are cached and shared: do not modify them
-    in place.
+    `data_dir` is required for `mnist`, `cifar10`, `nmnist` and `dvs-gesture` and ignored for the
+    bundled datasets (an empty string counts as not given). `framing` (T, time bins or event
+    counts, frame side) applies to `nmnist` and `dvs-gesture` (default `Framing()`). The tensors
+    are cached and shared: do not modify them in place.
     """
     info = dataset_info(name)
     if split not in SPLITS:
@@ -107,18 +120,26 @@ def load_dataset(
         key_dir: str | None = str(Path(data_dir).expanduser().resolve())
     else:
         key_dir = None
-    x, y = _load_tensors(info.name, split, key_dir)
+    frames = (framing or Framing()) if name in EVENT_RECORDINGS else None
+    x, y = _load_tensors(info.name, split, key_dir, frames)
     return TensorDataset(x, y)
 
 
 def _layout_hint(name: str) -> str:
+    from shared.data.recordings import GESTURE_LAYOUT, NMNIST_LAYOUT
+
     if name == "mnist":
         return "MNIST/raw/train-images-idx3-ubyte etc. (torchvision layout)"
+    if name == "nmnist":
+        return NMNIST_LAYOUT
+    if name == "dvs-gesture":
+        return GESTURE_LAYOUT
     return "cifar-10-batches-bin/ (the binary version, cifar-10-binary.tar.gz)"
 
 
 @functools.cache
-def _load_tensors(name: str, split: str, data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_tensors(name: str, split: str, data_dir: str | None, framing: Framing | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     if name in ("mnist-subset", "digits"):
         return _bundled_splits(name)[split]
     if name == "dvs-digits":
@@ -133,6 +154,14 @@ def _load_tensors(name: str, split: str, data_dir: str | None) -> tuple[torch.Te
             f"data directory {root} does not exist or is not a directory; pass data-dir "
             f"naming the folder that holds {_layout_hint(name)}"
         )
+    if name == "nmnist":
+        from shared.data.recordings import load_nmnist
+
+        return load_nmnist(root, split, framing or Framing())
+    if name == "dvs-gesture":
+        from shared.data.recordings import load_dvs_gesture
+
+        return load_dvs_gesture(root, split, framing or Framing())
     if name == "mnist":
         images, labels = _read_mnist(root, split)
         return _to_tensors(images[:, None], labels, 255.0)
