@@ -77,10 +77,19 @@ class RunConfig(BaseModel):
     data_dir: str = Field("", description="local directory for datasets that need one")
     partitioning: Literal["iid", "dirichlet"] = "dirichlet"
     dirichlet_alpha: float = Field(0.5, gt=0, description="label-skew concentration")
+    # framing of real event recordings (nmnist, dvs-gesture; shared.data.recordings)
+    event_frames: int = Field(8, ge=1, le=256, description="frames (T) per event recording")
+    event_framing: Literal["time", "count"] = Field(
+        "time", description="time: T equal time slices; count: T slices of equal event count")
+    event_size: int = Field(32, ge=4, le=256, multiple_of=4,
+                            description="frame side after downsampling and centre crop / pad")
     # model
     model: Literal["csnn", "mlp", "resnet-mini"] = "csnn"
     neuron: Literal["lif", "if"] = "lif"
     surrogate: Literal["atan", "sigmoid", "triangle", "rectangle"] = "atan"
+    neuron_reset: Literal["subtract", "zero"] = Field(
+        "subtract", description="after a spike: subtract the threshold, or reset to zero "
+        "(NIR's reset: exported graphs then need no reset adjustment in peer simulators)")
     time_steps: int = Field(4, ge=1, le=256)
     weight_bits: Literal[2, 3, 4, 5, 6, 7, 8, 32] = Field(
         4, description="integer weight bits of quantization-aware training; 32 = float"
@@ -181,7 +190,7 @@ class RunConfig(BaseModel):
         (that key sets T for direct-coded images)."""
         from shared.data import dataset_info
 
-        info = dataset_info(self.dataset)
+        info = dataset_info(self.dataset, self.framing())
         return {
             "name": self.model,
             "in_channels": info.in_channels,
@@ -191,7 +200,14 @@ class RunConfig(BaseModel):
             "neuron": self.neuron,
             "surrogate": self.surrogate,
             "weight_bits": self.weight_bits,
-        } | ({"train_mode": "qann"} if self.train_mode == "qann" else {})
+        } | ({"train_mode": "qann"} if self.train_mode == "qann" else {}) | (
+            {"reset": "zero"} if self.neuron_reset == "zero" else {})
+
+    def framing(self):  # -> shared.data.Framing
+        """How `nmnist` and `dvs-gesture` recordings become frames (`event-*` keys)."""
+        from shared.data import Framing
+
+        return Framing(self.event_frames, self.event_framing, self.event_size)
 
     def replace(self, **changes: Any) -> RunConfig:
         return RunConfig.parse(self.to_flwr(), **changes)
