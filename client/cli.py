@@ -10,6 +10,7 @@ built-in dataset) or `data-dir` (the device's own data); the server sends everyt
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -227,6 +228,9 @@ def main(
 ) -> None:
     """Start one edge client (a Flower SuperNode) that trains the spikefed SNN on its data."""
     server = check_server_address(server)
+    if not math.isfinite(connect_timeout):
+        raise ClientError(f"--connect-timeout {connect_timeout} is not a number of seconds "
+                          "(example: --connect-timeout 60)")
     if (ca_cert is None) == (not insecure):
         raise ClientError("choose one of --ca-cert FILE (TLS, the default way) or --insecure")
     if ca_cert is not None and not ca_cert.is_file():

@@ -5,7 +5,8 @@
 it evaluates the global model on the test split, writes the checkpoint atomically, appends the
 round to metrics.jsonl and tells the observer. With `resume=True` it continues after the newest
 checkpoint whose hash verifies (a corrupt newest one is skipped with a message) and keeps
-metrics.jsonl to the rounds before it, so no finished round is lost or repeated. At the end it
+metrics.jsonl to the rounds before it, so no finished round is lost or repeated. A Federation holds
+its run directory's lock (`RunDir.lock`) from construction to the end of `run`. At the end it
 profiles one training step of the final global model (a test batch of `batch-size`) on the
 configured chip (`shared.neurocore`) and writes that report to `neurocore/`. In train-mode
 `qann` the global model is a clip-quantize ANN; after the last round it is converted to an SNN
@@ -92,9 +93,18 @@ class Federation:
         self.last_checkpoint: Path | None = None
         self.chip_summary: dict[str, Any] | None = None  # the final chip report's totals
         self.conversion: dict[str, Any] | None = None  # train-mode qann: the converted SNN
-        done = self.run_dir.check_start(resume)
-        if resume:
-            self._resume(done)
+        self._lock = self.run_dir.lock()  # held until the run ends (or this process does)
+        try:
+            done = self.run_dir.check_start(resume)
+            if resume:
+                self._resume(done)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory (`run` does at its end)."""
+        self._lock.release()
 
     # -- resume ------------------------------------------------------------------------------
     def _resume(self, done: int) -> None:
@@ -113,6 +123,12 @@ class Federation:
 
     # -- the run -----------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict[str, Any]:
+        try:
+            return self._run(grid)
+        finally:
+            self.close()
+
+    def _run(self, grid: Grid) -> dict[str, Any]:
         config = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         remaining = config.num_server_rounds - self.round_offset

@@ -7,6 +7,7 @@ is the real ClientApp (`client.app:app`) in a Ray actor with one CPU.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -33,7 +34,7 @@ from server.report import write_report
 from server.strategy import RoundStats
 from shared.byzantine import KINDS
 from shared.config import RunConfig
-from shared.rundir import RoundRecord, RunDir
+from shared.rundir import RoundRecord, RunDir, unique_run_dir
 
 CLIENT_APP = "client.app:app"
 BYZANTINE_CLIENT_APP = "client.byzantine:app"  # the honest app behind a fault-injecting mod
@@ -193,16 +194,26 @@ def main(
     """Run the whole federation (server + simulated SNN edge clients) on this machine."""
     if resume and out is None:
         raise UserError("--resume needs --out, the run directory to continue")
+    for option, value in (("--metrics-linger", metrics_linger),
+                          ("--cpus-per-client", cpus_per_client)):
+        if not math.isfinite(value):
+            raise UserError(f"{option} {value} is not a finite number")
     if byzantine > clients:
         raise UserError(f"--byzantine {byzantine} exceeds --clients {clients}")
     if byzantine_kind not in KINDS:
         raise UserError(f"--byzantine-kind {byzantine_kind!r}: choose one of {', '.join(KINDS)}")
-    out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    fresh = out is None
+    out = out or unique_run_dir("runs")  # made here, so two runs never share a default name
     flags: dict[str, Any] = {"min-clients": clients, "out-dir": str(out)}
     if rounds is not None:
         flags["num-server-rounds"] = rounds
-    port_chosen = metrics_port is not None or "metrics-port" in parse_overrides(run_config)
-    config = resolve_config(run_config, flags, metrics_port=metrics_port)
+    try:
+        port_chosen = metrics_port is not None or "metrics-port" in parse_overrides(run_config)
+        config = resolve_config(run_config, flags, metrics_port=metrics_port)
+    except UserError:
+        if fresh:
+            out.rmdir()
+        raise
     _quiet_frameworks(verbose)
     steps = config.model_spec()["time_steps"]  # an event dataset brings its own T
     trains = (f"QC-ANN {config.model} (L={steps}, converted to an IF SNN at the end)"

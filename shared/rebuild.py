@@ -11,8 +11,11 @@ kinds of model:
                    kind, time_steps, in_dims and the QC thresholds: `converted_metadata`)
 
 `build_from_spec(spec)` builds a fresh model; `load_global_model(path)` verifies a checkpoint (or
-a run directory's newest) and rebuilds it with its weights. The client, the server, the
-`spikefed-evaluate` command and the neurocore CLI all go through here.
+a run directory's newest) and rebuilds it with its weights. A spec read from a file is checked by
+`check_spec` first (`shared.checkpoint.load_checkpoint` does it): known keys, typed values, sizes
+within `SPEC_LIMITS`, and at most `MAX_PARAMETERS` numbers in the model (counted on PyTorch's
+`meta` device, which allocates nothing), so a checkpoint cannot make us allocate gigabytes. The
+client, the server, the `spikefed-evaluate` command and the neurocore CLI all go through here.
 """
 
 from __future__ import annotations
@@ -31,6 +34,67 @@ from shared.errors import CheckpointError
 from shared.rundir import resolve_checkpoint
 
 SNN, QANN, CONVERTED_SNN = "snn", "qann", "converted-snn"
+
+# inclusive bounds of a spec's sizes: far above every dataset and model spikefed has
+SPEC_LIMITS = {"in_channels": (1, 64), "num_classes": (2, 10_000), "input_size": (1, 512),
+               "time_steps": (1, 256), "hidden": (1, 16_384)}
+MAX_PARAMETERS = 50_000_000  # 200 MB of float32 weights
+_CHOICES = {"neuron": ("lif", "if"), "weight_bits": (2, 3, 4, 5, 6, 7, 8, 32),
+            "train_mode": (SNN, QANN), "detach_reset": (True, False)}
+_FLOATS = ("decay", "threshold", "v_init")
+_RESETS = ("subtract", "zero")
+
+
+def check_spec(spec: Any, what: str = "model spec") -> dict[str, Any]:
+    """`spec` if it describes a model of bounded size; a one-line CheckpointError otherwise."""
+    import math
+
+    from shared.snn import MODELS, SURROGATES
+
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{what}: the model spec is {type(spec).__name__}, not a mapping")
+    known = {"name", "surrogate", "reset", *SPEC_LIMITS, *_CHOICES, *_FLOATS}
+    unknown = sorted(str(k)[:40] for k in spec if k not in known)
+    if unknown:
+        raise CheckpointError(f"{what}: unknown model spec keys {', '.join(unknown[:5])}")
+    if not isinstance(spec.get("name"), str) or spec["name"] not in MODELS:
+        raise CheckpointError(f"{what} is of an unknown model {str(spec.get('name'))[:40]!r}; "
+                              f"spikefed knows {', '.join(MODELS)}")
+    for key in ("in_channels", "num_classes", "input_size", "time_steps"):
+        if key not in spec:
+            raise CheckpointError(f"{what}: the model spec lacks '{key}'")
+    for key, (low, high) in SPEC_LIMITS.items():
+        value = spec.get(key, low)
+        if type(value) is not int or not low <= value <= high:
+            raise CheckpointError(f"{what}: model {key}={str(value)[:40]} is outside "
+                                  f"{low}..{high}")
+    for key, allowed in _CHOICES.items():
+        if key in spec and (spec[key] not in allowed or type(spec[key]) is not type(allowed[0])):
+            raise CheckpointError(f"{what}: model {key}={str(spec[key])[:40]} is not one of "
+                                  f"{', '.join(map(str, allowed))}")
+    if not isinstance(spec.get("surrogate", "atan"), str) or spec.get("surrogate", "atan") \
+            not in SURROGATES:
+        raise CheckpointError(f"{what}: model surrogate {str(spec['surrogate'])[:40]!r} is not "
+                              f"one of {', '.join(SURROGATES)}")
+    if not isinstance(spec.get("reset", "subtract"), str) or spec.get("reset", "subtract") \
+            not in _RESETS:
+        raise CheckpointError(f"{what}: model reset {str(spec['reset'])[:40]!r} is not one of "
+                              f"{', '.join(_RESETS)}")
+    for key in _FLOATS:
+        value = spec.get(key, 0.0)
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise CheckpointError(f"{what}: model {key}={str(value)[:40]} is not a finite number")
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        try:
+            model = build_from_spec(spec)
+        except (TypeError, ValueError, RuntimeError, KeyError, NotImplementedError) as err:
+            raise CheckpointError(f"{what}: the model spec does not build "
+                                  f"({str(err).splitlines()[0][:200]})") from None
+    count = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    if count > MAX_PARAMETERS:
+        raise CheckpointError(f"{what}: the model spec asks for {count:,} numbers, more than "
+                              f"the {MAX_PARAMETERS:,} spikefed loads")
+    return spec
 
 
 def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
@@ -158,13 +222,7 @@ def _rebuild(path: Path, spec: dict[str, Any], tensors: dict[str, Tensor],
 def load_global_model(path: str | Path) -> GlobalModel:
     """Load and verify a checkpoint (sha256), or a run directory's newest, and rebuild its
     model from the metadata."""
-    from shared.snn import MODELS
-
     path = resolve_checkpoint(path)
-    tensors, meta = load_checkpoint(path)
-    spec = meta.get("model")
-    name = spec.get("name") if isinstance(spec, dict) else None
-    if name not in MODELS:
-        raise CheckpointError(f"checkpoint {path} is of an unknown model {name!r}; "
-                              f"spikefed knows {', '.join(MODELS)}")
+    tensors, meta = load_checkpoint(path)  # the spec is checked (check_spec) on the way
+    spec = check_spec(meta.get("model"), f"checkpoint {path}")
     return GlobalModel(path, _rebuild(path, spec, tensors, meta), tensors, meta, dict(spec))

@@ -11,15 +11,20 @@
 Round numbers are zero-padded to at least three digits and always compared as numbers, so round
 1000 comes after round 999. Every file is written so that a crash leaves either the old or the
 new version: checkpoints and summary.json through a temporary file, fsync and rename;
-metrics.jsonl lines are appended and fsynced.
+metrics.jsonl lines are appended and fsynced (a round counts as done once its line is on disk).
+A run holds `<run>/.lock` (an advisory `flock`, released by the kernel when the process dies,
+however it dies) while it writes there, so a second run into the same directory is refused;
+`unique_run_dir` makes default run names that never collide.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -63,6 +68,60 @@ class RoundRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+class DirLock:
+    """An exclusive `flock` on `path`, held until `release()` or the process's end.
+
+    The file keeps the holder's pid (for the message a refused second run prints)."""
+
+    _fd: int | None = None
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunError(f"{path.parent} is in use by another {what} (pid {holder}); wait for "
+                           "it to end or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> DirLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def unique_run_dir(parent: str | Path = "runs") -> Path:
+    """A new, empty directory `parent/<date>-<time>` (`-2`, `-3`, ... when that name is taken):
+    created here with `mkdir`, which fails for an existing name, so two runs started in the same
+    second get different directories."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 10_000):
+        path = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise RunError(f"{parent} holds 10,000 runs named {stamp}*; pass --out")
+
+
 def round_of(path: Path) -> int | None:
     """The round number of a `round-NNN.safetensors` file name (None for any other name)."""
     match = _ROUND_FILE.fullmatch(path.name)
@@ -95,6 +154,14 @@ class RunDir:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
+    def lock(self) -> DirLock:
+        """Hold this run directory (see `DirLock`): a RunError if another run holds it."""
+        return DirLock(self.lock_file, "run")
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -142,6 +209,10 @@ class RunDir:
             except CheckpointError as err:
                 log.warning("skipping checkpoint: %s", err)
                 continue
+            if meta.get("round") != round_of(path):
+                log.warning("skipping checkpoint: %s records round %r, not the round its name "
+                            "says", path, meta.get("round"))
+                continue
             return path, tensors, meta
         return None
 
@@ -157,7 +228,10 @@ class RunDir:
         if found is None:
             raise RunError(f"--resume: no valid checkpoint in {self.checkpoints_dir}; run "
                            "without --resume to start a new run there")
-        return int(found[2]["round"])
+        round_ = found[2].get("round")
+        if type(round_) is not int:  # load_checkpoint checks it; spelt out for the reader
+            raise RunError(f"--resume: {found[0]} records no round number")
+        return round_
 
     # -- the round history -------------------------------------------------------------------
     def read_history(self) -> list[RoundRecord]:

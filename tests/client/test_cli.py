@@ -98,6 +98,8 @@ def test_a_server_certificate_from_another_ca_is_refused_at_once(tmp_path: Path,
         (["--insecure", "--data-dir", ".", "--partition-id", "0"], "not both"),
         (["--insecure", "--auth-key", "k", "--partition-id", "0", "--num-partitions", "2"],
          "needs TLS"),
+        (["--insecure", "--partition-id", "0", "--num-partitions", "2", "--connect-timeout",
+          "nan"], "--connect-timeout nan is not a number of seconds"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], needle: str):

@@ -36,6 +36,10 @@ def spikefed_run(*args: str, timeout: float = 600) -> subprocess.CompletedProces
         (["--byzantine", "1", "--byzantine-kind", "flip"], "choose one of nan, sign-flip"),
         (["--run-config", "strategy=bulyan"], "bulyan with krum-malicious=1 needs at least 7"),
         (["--run-config", "dp-noise-multiplier=1"], "needs dp-clipping-norm > 0"),
+        (["--metrics-linger", "nan"], "--metrics-linger nan is not a finite number"),
+        (["--run-config", "seed=-1"], "seed=-1 is not allowed"),
+        (["--run-config", "round-timeout=inf"], "round-timeout=inf is not allowed"),
+        (["--run-config", "num-server-rounds=true"], "num-server-rounds=True is not allowed"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(invoke, args, needle):
@@ -50,6 +54,26 @@ def test_resume_without_checkpoint_is_one_line(invoke, tmp_path):
     result = invoke(cli, "--out", str(tmp_path / "empty"), "--resume")
     assert result.code == 2
     assert "no valid checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_in_one_line(invoke, tmp_path):
+    from shared.rundir import RunDir
+
+    out = tmp_path / "busy"
+    with RunDir(out).lock():  # another run holds it
+        result = invoke(cli, "--out", str(out), "--run-config", SMALL, "--metrics-port", "0")
+    assert result.code == 2, result.stderr
+    assert "in use by another run" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_default_run_names_are_unique_and_a_refused_start_leaves_no_directory(
+    invoke, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert invoke(cli, "--run-config", "time-step=4").code == 2
+    assert not list((tmp_path / "runs").iterdir())  # the two refused starts made nothing
 
 
 def test_the_module_entry_point_reports_bad_input_in_one_line():

@@ -6,8 +6,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from shared.config import ConfigError, RunConfig
+from shared.config import MAX_SEED, ConfigError, RunConfig
 from shared.rebuild import build_from_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,3 +64,48 @@ def test_weight_bits_selects_quantization_aware_or_float_models():
         RunConfig.parse({"weight-bits": 16})
     with pytest.raises(ConfigError, match="resnet-mini trains in float only"):
         RunConfig.parse({"model": "resnet-mini"})
+
+
+# -- values with no meaning at their edges are refused at start, naming the key ---------------
+
+FLOAT_KEYS = [name.replace("_", "-") for name, f in RunConfig.model_fields.items()
+              if f.annotation in (float, "float")]
+INT_KEYS = [name.replace("_", "-") for name, f in RunConfig.model_fields.items()
+            if f.annotation in (int, "int")]
+
+
+def test_every_number_key_is_covered():
+    assert {"round-timeout", "max-update-norm", "dp-noise-multiplier", "lr"} <= set(FLOAT_KEYS)
+    assert {"seed", "num-server-rounds", "min-clients"} <= set(INT_KEYS)
+
+
+@settings(max_examples=80, deadline=None)
+@given(key=st.sampled_from(FLOAT_KEYS),
+       value=st.sampled_from([float("inf"), float("-inf"), float("nan"), True, False]))
+def test_no_float_key_takes_an_infinity_nan_or_boolean(key, value):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.parse({key: value})
+    assert f"{key}=" in str(info.value) and "\n" not in str(info.value)
+
+
+@settings(max_examples=80, deadline=None)
+@given(key=st.sampled_from(INT_KEYS), value=st.sampled_from([True, False, 1.0, 2.5, "3"]))
+def test_no_int_key_takes_a_boolean_a_float_or_text(key, value):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.parse({key: value})
+    assert f"{key}=" in str(info.value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(min_value=-(2**70), max_value=2**70))
+def test_seeds_are_accepted_exactly_in_the_range_every_generator_takes(seed):
+    import torch
+
+    from shared.reply import node_seed
+
+    if 0 <= seed <= MAX_SEED:
+        config = RunConfig.parse({"seed": seed})
+        torch.Generator().manual_seed(node_seed(config.seed, 10_000, 2**31))  # in range
+    else:
+        with pytest.raises(ConfigError, match="seed="):
+            RunConfig.parse({"seed": seed})
