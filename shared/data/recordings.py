@@ -223,9 +223,8 @@ def load_dvs_gesture(root: Path, split: str, framing: Framing
         if not user.startswith("user") or "_" not in user:
             raise DatasetError(f"DVS Gesture: unexpected folder {folder} (user<NN>_<lighting> "
                                f"expected); data-dir must hold {GESTURE_LAYOUT}")
-        for name in sorted(os.listdir(folder)):
-            if not name.endswith(".npy"):
-                continue
+        names = [n for n in os.listdir(folder) if n.endswith(".npy")]
+        for name in sorted(names, key=lambda n: (len(n), n)):  # 2.npy before 10.npy
             stem = name[:-4]
             if not stem.isdigit() or int(stem) >= GESTURE_CLASSES:
                 raise DatasetError(f"DVS Gesture: {folder / name} is not named <label>.npy with a "
