@@ -163,15 +163,26 @@ def test_export_command_writes_a_graph_of_the_checkpoint(invoke, tmp_path, model
 
 
 @pytest.mark.parametrize("args, message", [
-    (["missing.safetensors"], "no such"),
-    (["{ckpt}", "--format", "onnx"], "unknown --format 'onnx'"),
+    (["missing.safetensors"], "does not exist"),
+    (["{bad}"], "metadata"),
+    (["{bad}", "--format", "onnx"], "unknown --format 'onnx'"),
+    (["{resnet}"], "only the csnn and mlp"),
+    (["{resnet}", "--pooling", "max"], "unknown --pooling 'max'"),
 ])
 def test_export_command_bad_input_is_one_line_exit_2(invoke, tmp_path, args, message):
+    from shared.config import RunConfig
+
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
-    args = [a.replace("{ckpt}", str(tmp_path / "bad.safetensors")) for a in args]
+    config = RunConfig.parse({"weight-bits": 32, "model": "resnet-mini", "dataset": "digits"})
+    resnet = build_model(**{k: v for k, v in config.model_spec().items() if k != "weight_bits"})
+    save_checkpoint(tmp_path / "resnet.safetensors", federated_state(resnet),
+                    {"round": 1, "model": config.model_spec(), "config": config.to_flwr()})
+    args = [a.format(bad=tmp_path / "bad.safetensors", resnet=tmp_path / "resnet.safetensors")
+            for a in args]
     out = invoke(cli, *args, "--out", str(tmp_path / "m.nir"))
     assert out.code == 2
     assert len(out.stderr.strip().splitlines()) == 1 and "error:" in out.stderr
+    assert message in out.stderr
     assert not (tmp_path / "m.nir").exists()
 
 
