@@ -243,3 +243,14 @@ def test_a_short_federation_runs_on_the_recordings(name, nmnist_dir, gesture_dir
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 1 and 0.0 <= summary["final_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_recordings_partition_like_every_dataset(nmnist_dir, scheme):
+    from shared.data import partition_indices
+
+    y = load_dataset("nmnist", "train", data_dir=nmnist_dir).tensors[1]
+    parts = [partition_indices(y, 3, i, scheme=scheme, alpha=0.5, seed=0) for i in range(3)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(y)))
+    again = partition_indices(y, 3, 1, scheme=scheme, alpha=0.5, seed=0)
+    assert np.array_equal(again, parts[1])
