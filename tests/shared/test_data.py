@@ -13,7 +13,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.data import DatasetError, DatasetInfo, dataset_info, load_dataset, partition_indices
+from shared.data import (
+    DatasetError,
+    DatasetInfo,
+    Framing,
+    dataset_info,
+    load_dataset,
+    partition_indices,
+)
 from shared.data.partition import _cached_partitions
 
 BUNDLED = [("mnist-subset", 4000, 1000, 28), ("digits", 1437, 360, 8)]
@@ -82,6 +89,12 @@ def test_load_is_cached_and_deterministic() -> None:
 def test_dataset_info_for_file_datasets() -> None:
     assert dataset_info("mnist") == DatasetInfo("mnist", 1, 10, 28)
     assert dataset_info("cifar10") == DatasetInfo("cifar10", 3, 10, 32)
+    # event recordings: T and the frame side are the framing's (defaults T = 8, 32 x 32)
+    assert dataset_info("nmnist") == DatasetInfo("nmnist", 2, 10, 32, time_steps=8)
+    assert dataset_info("dvs-gesture") == DatasetInfo("dvs-gesture", 2, 11, 32, time_steps=8)
+    assert dataset_info("dvs-gesture", Framing(frames=5, size=64)) == DatasetInfo(
+        "dvs-gesture", 2, 11, 64, time_steps=5)
+    assert dataset_info("mnist", Framing(frames=5)) == dataset_info("mnist")  # images: no T
     with pytest.raises(AttributeError):
         dataset_info("mnist").num_classes = 3  # type: ignore[misc]
 
@@ -95,14 +108,14 @@ def test_unknown_name_and_split() -> None:
     assert issubclass(DatasetError, ValueError)
 
 
-@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "nmnist", "dvs-gesture"])
 def test_file_datasets_need_existing_dir(name: str, tmp_path: Path) -> None:
     for missing in (None, ""):
         with pytest.raises(DatasetError, match="pass data-dir"):
             load_dataset(name, "train", data_dir=missing)
     with pytest.raises(DatasetError, match=f"{tmp_path / 'nope'} does not exist"):
         load_dataset(name, "train", data_dir=tmp_path / "nope")
-    with pytest.raises(DatasetError, match="not found"):
+    with pytest.raises(DatasetError, match="not found|no Test/ folder|no ibmGestureTest/ folder"):
         load_dataset(name, "test", data_dir=tmp_path)
 
 
