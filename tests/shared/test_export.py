@@ -291,3 +291,15 @@ def test_snntorch_reproduces_a_reset_to_zero_lif_model_bit_for_bit(models, test_
     x = test_images[0]
     net, call = _snntorch(graph)
     assert torch.equal(_steps(net, x, call), from_nir(graph)(x))
+
+
+def test_neuron_reset_key_builds_models_that_reset_to_zero():
+    from shared.config import RunConfig
+    from shared.rebuild import build_from_spec
+
+    spec = RunConfig.parse({"neuron-reset": "zero", "weight-bits": 32}).model_spec()
+    assert spec["reset"] == "zero"
+    model = build_from_spec(spec)
+    assert {m.reset for m in model.modules() if isinstance(m, LIF)} == {"zero"}
+    assert to_nir(model).metadata["reset_mode"] == "zero"
+    assert "reset" not in RunConfig.parse({}).model_spec()  # default specs are unchanged

@@ -254,3 +254,17 @@ def test_recordings_partition_like_every_dataset(nmnist_dir, scheme):
     assert sorted(np.concatenate(parts).tolist()) == list(range(len(y)))
     again = partition_indices(y, 3, 1, scheme=scheme, alpha=0.5, seed=0)
     assert np.array_equal(again, parts[1])
+
+
+def test_run_config_keys_set_the_framing_and_the_model_shape():
+    from shared.config import ConfigError, RunConfig
+
+    config = RunConfig.parse({"dataset": "dvs-gesture", "event-frames": 5, "event-size": 16,
+                              "event-framing": "count"})
+    assert config.framing() == Framing(frames=5, mode="count", size=16)
+    spec = config.model_spec()
+    assert (spec["in_channels"], spec["num_classes"], spec["input_size"], spec["time_steps"]) \
+        == (2, 11, 16, 5)
+    assert RunConfig.parse({}).framing() == Framing()  # the defaults: T = 8, time bins, 32
+    with pytest.raises(ConfigError, match="event-size=30"):
+        RunConfig.parse({"event-size": 30})
