@@ -53,6 +53,10 @@ class RunConfig(BaseModel):
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="nodes asked to evaluate")
     min_nodes: int = Field(2, ge=1, description="fewest replies that still update the model")
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies")
+    node_wait_timeout: float = Field(
+        600.0, gt=0, description="seconds a round waits for too few connected devices before "
+        "the run ends (exit 1, checkpoints kept for --resume)"
+    )
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal term weight")
     trimmed_beta: float = Field(0.2, gt=0, lt=0.5, description="FedTrimmedAvg cut per side")
     krum_malicious: int = Field(
