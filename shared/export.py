@@ -207,7 +207,7 @@ def to_nir(model: nn.Module, *, dt: float = DT, pooling: Pooling = "avg",
                 nodes[name] = nir.Affine(weight=w, bias=b.numpy())
             width = w.shape[0]
         elif kind == "neuron":
-            n_shape = (width, *hw) if len(nodes) and _last_is_conv(nodes, order) else (width,)
+            n_shape = (width, *hw) if isinstance(nodes[order[-1]], nir.Conv2d) else (width,)
             ones = np.ones(n_shape, dtype=np.float32)
             thr = ones * np.float32(threshold)
             if decay == 1.0:
@@ -258,12 +258,6 @@ def to_nir(model: nn.Module, *, dt: float = DT, pooling: Pooling = "avg",
         return nir.NIRGraph(nodes=nodes, edges=edges, metadata=metadata)
     except (ValueError, AssertionError, TypeError) as err:  # a bug here, not the user's
         raise ExportError(f"NIR rejected the graph: {str(err).splitlines()[0]}") from err
-
-
-def _last_is_conv(nodes: dict[str, Any], order: list[str]) -> bool:
-    import nir
-
-    return isinstance(nodes[order[-1]], nir.Conv2d)
 
 
 def write_nir(graph: nir.NIRGraph, path: str | Path) -> Path:
