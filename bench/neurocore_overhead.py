@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         trainer(accounted_model)(0)  # one more step, to time the cost model alone
         step_counts = accountant.tracer.end_step()
-    plan = StepPlan(step_counts, chip)  # what the accountant caches per step shape
+    plan = StepPlan(step_counts, chip, energy_scale=accountant.energy_scale)  # cached per shape
     start = time.perf_counter()
     for _ in range(20):
         cost = plan.cost(step_counts)
