@@ -21,17 +21,22 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/spikefed-run $(ARGS)
 
-# the monitoring tests run a real Prometheus server and promtool (Debian's prometheus package);
-# they start their own server on loopback, so the package's service is never used
+# Debian packages the tests run for real, each started by the tests themselves on loopback (the
+# packages' own services are never used): prometheus + promtool (the monitoring tests) and nginx
+# (spikefed-server's reverse proxy, which keeps Flower's admin APIs off the devices' address;
+# nginx-light is Debian's smallest nginx build with SSL and proxying)
 system-test:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
-		command -v apt-get >/dev/null || { echo "error: the tests need prometheus and promtool on PATH; install Prometheus (no apt-get here)" >&2; exit 1; }; \
+	@missing=""; \
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || missing="prometheus"; \
+	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
+	[ -z "$$missing" ] || { \
+		command -v apt-get >/dev/null || { echo "error: the tests need$$missing (prometheus, promtool and nginx on PATH); install them (no apt-get here)" >&2; exit 1; }; \
 		sudo=""; [ "$$(id -u)" -eq 0 ] || { command -v sudo >/dev/null && sudo="sudo -n"; } || \
-			{ echo "error: the tests need Debian's prometheus package: run 'sudo apt-get install prometheus' (not root, no sudo)" >&2; exit 1; }; \
-		echo "installing Debian's prometheus package (for the monitoring tests)"; \
+			{ echo "error: the tests need Debian's$$missing: run 'sudo apt-get install$$missing' (not root, no sudo)" >&2; exit 1; }; \
+		echo "installing Debian's$$missing (for the monitoring and deployment tests)"; \
 		$$sudo apt-get update -qq && \
-		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null || \
-			{ echo "error: could not install Debian's prometheus package; install it (apt-get install prometheus) and rerun" >&2; exit 1; }; }
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null || \
+			{ echo "error: could not install Debian's$$missing; install it (apt-get install$$missing) and rerun" >&2; exit 1; }; }
 
 test: system-test $(STAMP)
 	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python -m pytest $(ARGS)

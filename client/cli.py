@@ -26,7 +26,7 @@ import typer
 
 from shared.cli import CertificateError, err_console, user_errors, wait_for_health
 from shared.errors import EXIT_FAILURE, UserError
-from shared.process import ProcessTree
+from shared.process import ProcessTree, start_guarded
 
 EXIT_UNREACHABLE = EXIT_FAILURE
 
@@ -137,12 +137,12 @@ class Attempt:
     ACTIVATED = "SuperNode ID:"
 
     def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
-        self.tree = ProcessTree(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                                 stderr=subprocess.STDOUT, text=True, bufsize=1))
+        self.tree = ProcessTree(start_guarded(cmd, env=env, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True, bufsize=1))
         self.activated = False
         self.held: list[str] = []
-        # the SuperNode's children inherit the pipe, so it may outlive the SuperNode: read it on
-        # the side and wait for the process itself
+        # the SuperNode's children inherit the pipe until the guardian has ended them: read it
+        # on the side and wait for the process itself
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 

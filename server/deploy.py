@@ -1,24 +1,38 @@
 """`spikefed-server`: the federation's server for real edge clients, on Flower's deployment engine.
 
-It starts a Flower SuperLink (Fleet + Control + Runtime HTTP API on one port, TLS unless
-`--insecure`, state database and a private FLWR_HOME under `--out/superlink/`), waits until its
-`/health` answers, registers the node public keys of `--auth-keys`, submits this app
-(`server.app:app` + `client.app:app`, built into a FAB by `flwr run`) with the resolved run config,
-streams the run's log, and stops the SuperLink when the run has finished (unless `--keep-alive`).
-The ServerApp writes the same `runs` layout as `spikefed-run` (metrics.jsonl, checkpoints,
-summary.json) into `--out`; `deployment.json` adds the run id, status and the bytes the SuperLink
-counted on its Fleet API. We write no transport: all of it is Flower's.
+Two processes serve the federation. The Flower SuperLink (Fleet, Control and Runtime HTTP API on
+one port) listens on loopback only, `127.0.0.1:--admin-port`: the operator's `flwr` commands, our
+run submission and the ServerApp reach it there. nginx, a TLS-terminating reverse proxy from
+Debian's packages, listens on `--address`, the address devices use, and forwards only the Fleet
+API (`/v1/fleet/`) and `/health`; the Control API, the Runtime API, `/docs` and `/openapi.json`
+answer 404 there. With TLS, nginx presents server.pem and speaks TLS to the SuperLink too (Flower
+requires TLS for node authentication), verifying it against ca.crt.
+
+`spikefed-server` waits until `/health` answers through the proxy, makes the SuperLink's
+registered node keys equal to `--auth-keys`, submits this app (`server.app:app` +
+`client.app:app`, built into a FAB by `flwr run`) with the resolved run config, streams the run's
+log, and stops everything when the run has finished (unless `--keep-alive`). Every process runs
+under a guardian (`shared.process.start_guarded`), so that any end of `spikefed-server`, SIGKILL
+included, ends the SuperLink, SuperExec, ServerApp and nginx too. The ServerApp writes the same
+`runs` layout as `spikefed-run` (metrics.jsonl, checkpoints, summary.json) into `--out`;
+`deployment.json` adds the run id, status and the bytes the SuperLink counted on its Fleet API.
+We write no transport: all of it is Flower's and nginx's.
 
     <out>/superlink/state.db  superlink.log  config.toml (the CLI connection)  run-config.toml
+    <out>/superlink/nginx/    nginx.conf  error.log  access.log  nginx.pid  temp/
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -34,13 +48,16 @@ from server.cli import UserError, err_console, resolve_config, user_errors
 from shared.cli import CertificateError, wait_for_health
 from shared.config import RunConfig
 from shared.errors import EXIT_FAILURE
-from shared.process import ProcessTree
-from shared.rundir import RunDir
+from shared.process import ProcessTree, start_guarded
+from shared.rundir import DirLock, RunDir
 
 APP_ROOT = Path(__file__).resolve().parent.parent  # holds pyproject.toml: the Flower app
 CONNECTION = "spikefed"  # the SuperLink connection name in the private config.toml
 TLS_FILES = ("ca.crt", "server.pem", "server.key")
 HEALTH_TIMEOUT_S = 60.0
+PORT_WAIT_S = 15.0  # a restart right after a crash: the old listeners are ending
+FLEET_PATHS = ("/v1/fleet/", "/health")  # all the devices' address serves
+NGINX_PACKAGE = "nginx-light"
 
 console = Console(highlight=False)
 cli = typer.Typer(add_completion=False, rich_markup_mode="rich")
@@ -58,6 +75,11 @@ class Endpoint:
 
     host: str
     port: int
+
+    @property
+    def listen(self) -> str:
+        """`host:port` as nginx's `listen` and a URL write it."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @property
     def local(self) -> str:
@@ -94,7 +116,111 @@ def check_tls_dir(tls_dir: Path) -> dict[str, Path]:
         )
     except (ssl.SSLError, OSError) as err:
         raise UserError(f"--tls-dir {tls_dir}: the certificate files do not load ({err})") from None
+    for warning in tls_dir_warnings(tls_dir):
+        err_console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
     return files
+
+
+def tls_dir_warnings(tls_dir: Path) -> list[str]:
+    """What in `--tls-dir` should not be there: the CA's private key (whoever holds it can make
+    certificates every device trusts) and private keys others on this machine may read."""
+    warnings = []
+    if (tls_dir / "ca.key").exists():
+        warnings.append(f"{tls_dir / 'ca.key'} is the CA's private key: keep it off the server "
+                        "(move it offline; deploy/certs/generate.sh keeps it in DIR-ca)")
+    for key in sorted(tls_dir.glob("*.key")):
+        mode = key.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            warnings.append(f"{key} is readable by others (mode {stat.filemode(mode)}); "
+                            f"chmod 600 {key}")
+    return warnings
+
+
+def find_nginx() -> str:
+    """The nginx binary (Debian installs it in /usr/sbin, often not on a user's PATH)."""
+    found = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+    if found is None:
+        raise UserError(
+            "spikefed-server needs nginx, the reverse proxy that keeps Flower's Control and "
+            f"Runtime APIs off the devices' address: install Debian's {NGINX_PACKAGE} package "
+            f"(sudo apt-get install {NGINX_PACKAGE})"
+        )
+    return found
+
+
+def nginx_config(endpoint: Endpoint, admin_port: int, tls: dict[str, Path] | None,
+                 root: Path) -> str:
+    """nginx.conf for the devices' address: TLS with the server certificate (unless
+    --insecure), the Fleet API and /health forwarded to the SuperLink on loopback, the rest 404.
+    Every path nginx writes lies below `root`; no daemon (the guardian owns the process)."""
+    upstream = f"{'https' if tls else 'http'}://127.0.0.1:{admin_port}"
+    ssl_listen = " ssl" if tls else ""
+    user = "user root;\n" if os.geteuid() == 0 else ""  # workers as the launcher's user
+    lines = [
+        f"{user}worker_processes 1;",
+        f"pid {root / 'nginx.pid'};",
+        f"error_log {root / 'error.log'} warn;",
+        "events { worker_connections 1024; }",
+        "http {",
+        f"  access_log {root / 'access.log'};",
+        *(f"  {kind}_temp_path {root / 'temp' / kind};"
+          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
+        "  client_max_body_size 1g;  # model updates; Flower chunks larger objects",
+        "  client_body_buffer_size 8m;",
+        "  proxy_read_timeout 3600s;",
+        "  proxy_send_timeout 3600s;",
+        "  server_tokens off;",
+        "  server {",
+        f"    listen {endpoint.listen}{ssl_listen};",
+    ]
+    if tls:
+        lines += [
+            f"    ssl_certificate {tls['server.pem']};",
+            f"    ssl_certificate_key {tls['server.key']};",
+            "    ssl_protocols TLSv1.2 TLSv1.3;",
+            f"    proxy_ssl_trusted_certificate {tls['ca.crt']};",
+            "    proxy_ssl_verify on;",
+            "    proxy_ssl_name localhost;  # generate.sh always lists it; nginx checks DNS names",
+        ]
+    for path in FLEET_PATHS:
+        match = "" if path.endswith("/") else "= "
+        lines += [f"    location {match}{path} {{", f"      proxy_pass {upstream};",
+                  "      proxy_http_version 1.1;", "      proxy_set_header Connection \"\";",
+                  "    }"]
+    lines += ["    location / { return 404; }", "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def nginx_command(nginx: str, root: Path) -> list[str]:
+    return [nginx, "-p", str(root), "-c", str(root / "nginx.conf"), "-e", str(root / "error.log"),
+            "-g", "daemon off;"]
+
+
+def wait_port_free(host: str, port: int, what: str, timeout_s: float = PORT_WAIT_S) -> None:
+    """Wait until `host:port` can be bound (a crashed predecessor's listener is ending)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+                return
+            except OSError as err:
+                if err.errno != 98:  # EADDRINUSE; anything else will not go away
+                    raise UserError(f"{what} {host}:{port} cannot be used: {err.strerror}"
+                                    ) from None
+        if time.monotonic() >= deadline:
+            raise ServerFailure(f"{what} {host}:{port} is in use by another program; stop it or "
+                                "choose another port")
+        time.sleep(0.25)
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def check_auth_keys(keys_dir: Path) -> list[Path]:
@@ -189,15 +315,16 @@ def _tool(name: str) -> str:
 
 
 def wait_healthy(
-    proc: subprocess.Popen, endpoint: Endpoint, ca_cert: Path | None, log_path: Path
+    proc: subprocess.Popen, endpoint: Endpoint, ca_cert: Path | None, log_path: Path,
+    what: str = "the SuperLink",
 ) -> None:
-    """Wait for the SuperLink's `/health` to answer 200; fail if the process exits first."""
+    """Wait for `/health` at `endpoint` to answer 200; fail if `proc` (`what`) exits first."""
     url = f"{'https' if ca_cert else 'http'}://{endpoint.local}/health"
 
     def still_running() -> None:
         if proc.poll() is not None:
             raise ServerFailure(
-                f"the SuperLink exited with code {proc.returncode} at start: "
+                f"{what} exited with code {proc.returncode} at start: "
                 f"{_last_error(log_path)} (full log: {log_path})"
             )
 
@@ -211,7 +338,7 @@ def wait_healthy(
         ) from None
     except TimeoutError as err:
         raise ServerFailure(
-            f"the SuperLink at {url} was not healthy after {HEALTH_TIMEOUT_S:.0f} s ({err}); "
+            f"{what} at {url} was not healthy after {HEALTH_TIMEOUT_S:.0f} s ({err}); "
             f"see {log_path}"
         ) from None
 
@@ -233,6 +360,44 @@ def _cli_message(text: str) -> str:
     return " ".join(w for w in words if w and not w.startswith("Using SuperLink"))
 
 
+def registered_nodes(db: Path) -> dict[int, bytes]:
+    """The nodes the SuperLink's state database holds as registered: node id -> public key (PEM,
+    as Flower stores it). Read-only; the SuperLink owns the database."""
+    import sqlite3
+
+    from flwr.supercore.utils import int64_to_uint64
+
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        rows = conn.execute("SELECT node_id, public_key FROM node WHERE status != 'unregistered'"
+                            " AND public_key IS NOT NULL").fetchall()
+    return {int64_to_uint64(node_id): bytes(key) for node_id, key in rows}
+
+
+def sync_keys(keys: list[Path], home: Path, env: dict[str, str]) -> None:
+    """Make the registered device set equal the `--auth-keys` keys: register each one, then
+    unregister (`flwr supernode unregister`) every node whose key is no longer there, e.g. a
+    `.pub` removed since the last start: removing it revokes that device, `--resume` included."""
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    register_keys(keys, env)
+    allowed = {public_key_to_bytes(load_ssh_public_key(k.read_bytes())) for k in keys}
+    nodes = registered_nodes(home / "state.db")
+    for node_id, key in sorted(nodes.items()):
+        if key in allowed:
+            continue
+        done = _flwr(["supernode", "unregister", str(node_id), CONNECTION], env)
+        text = _cli_message(done.stdout + done.stderr)
+        if done.returncode != 0:
+            raise ServerFailure(f"revoking node {node_id} (key not in --auth-keys) failed: {text}")
+        console.print(f"revoked node {node_id}: its key is no longer in --auth-keys")
+    left = registered_nodes(home / "state.db")
+    if set(left.values()) != allowed:
+        raise ServerFailure(f"the SuperLink holds {len(left)} registered nodes, --auth-keys "
+                            f"{len(allowed)} keys; see {home / 'superlink.log'}")
+    console.print(f"registered nodes: exactly the {len(allowed)} keys in --auth-keys")
+
+
 def register_keys(keys: list[Path], env: dict[str, str]) -> None:
     """`flwr supernode register` each node public key (a key registered before is kept)."""
     for key in keys:
@@ -251,8 +416,8 @@ def submit(config: RunConfig, home: Path, env: dict[str, str]) -> subprocess.Pop
     )
     cmd = [_tool("flwr"), "run", str(APP_ROOT), CONNECTION, "--run-config", str(run_config),
            "--stream"]
-    return subprocess.Popen(cmd, env=env, cwd=home, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    return start_guarded(cmd, env=env, cwd=home, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, bufsize=1)
 
 
 def stream(proc: subprocess.Popen) -> int:
@@ -311,7 +476,9 @@ def _raise_on_sigterm() -> None:
 )
 @user_errors
 def main(
-    address: Annotated[str, typer.Option(help="HOST:PORT the SuperLink listens on (all APIs).")],
+    address: Annotated[
+        str, typer.Option(help="HOST:PORT devices use (nginx: the Fleet API and /health only).")
+    ],
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds (num-server-rounds).")],
     min_clients: Annotated[
         int, typer.Option(min=1, help="Clients that must be connected before a round starts.")
@@ -342,11 +509,17 @@ def main(
         bool,
         typer.Option("--keep-alive", help="Keep the SuperLink serving after the run (Ctrl-C)."),
     ] = False,
+    admin_port: Annotated[
+        int,
+        typer.Option(min=0, max=65535, help="Loopback port of the SuperLink itself (Control and "
+                     "Runtime API, for `flwr` commands); 0 = any free port."),
+    ] = 0,
 ) -> None:
     """Launch the federation server for real edge clients (Flower SuperLink + the spikefed run)."""
     if (tls_dir is None) == (not insecure):
         raise UserError("choose one of --tls-dir DIR (TLS, the default way) or --insecure")
     endpoint = parse_address(address)
+    nginx = find_nginx()
     tls = check_tls_dir(tls_dir) if tls_dir is not None else None
     if auth_keys is not None and tls is None:
         raise UserError("--auth-keys needs TLS (Flower refuses node authentication without it); "
@@ -360,55 +533,75 @@ def main(
         raise UserError(f"{APP_ROOT} has no pyproject.toml: run spikefed-server from a source "
                         "checkout or an editable install (pip install -e .)")
     if insecure:
-        err_console.print("[bold yellow]warning:[/] --insecure: the SuperLink serves plain HTTP; "
+        err_console.print("[bold yellow]warning:[/] --insecure: the devices' address serves plain "
+                          "HTTP; "
                           "updates and node traffic are not encrypted", soft_wrap=True)
 
     home = out / "superlink"
     home.mkdir(parents=True, exist_ok=True)
+    server_lock = DirLock(home / ".lock", "spikefed-server")  # held until this process ends
+    admin = Endpoint("127.0.0.1", admin_port or free_loopback_port())
+    wait_port_free(endpoint.host, endpoint.port, "--address")
+    wait_port_free(admin.host, admin.port, "--admin-port")
     ca_cert = tls["ca.crt"].resolve() if tls else None
-    write_connection(home, endpoint, ca_cert)
+    write_connection(home, admin, ca_cert)
+    proxy_root = home / "nginx"
+    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (proxy_root / "temp" / kind).mkdir(parents=True, exist_ok=True)
+    (proxy_root / "nginx.conf").write_text(nginx_config(endpoint, admin.port, tls, proxy_root))
     env = flower_env(home, resume)
     log_path = home / "superlink.log"
     _raise_on_sigterm()
-    superlink: ProcessTree | None = None
-    flwr_run: ProcessTree | None = None
+    trees: list[ProcessTree] = []  # stopped in reverse order
     try:
         with log_path.open("a") as log_file:
-            superlink = ProcessTree(subprocess.Popen(
-                superlink_command(endpoint, home, tls, bool(keys)), env=env, cwd=home,
+            superlink = ProcessTree(start_guarded(
+                superlink_command(admin, home, tls, bool(keys)), env=env, cwd=home,
                 stdout=log_file, stderr=subprocess.STDOUT,
             ))
-        wait_healthy(superlink.proc, endpoint, ca_cert, log_path)
+            trees.append(superlink)
+        wait_healthy(superlink.proc, admin, ca_cert, log_path, "the SuperLink")
+        proxy_log = proxy_root / "error.log"
+        proxy = ProcessTree(start_guarded(nginx_command(nginx, proxy_root), cwd=proxy_root,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        trees.append(proxy)
+        wait_healthy(proxy.proc, endpoint, ca_cert, proxy_log, "nginx")
         scheme = "plain HTTP" if insecure else "TLS"
         console.print(
-            f"[bold]spikefed-server[/] SuperLink on {endpoint.host}:{endpoint.port} ({scheme}"
-            f"{', node auth' if keys else ''}); waiting for {min_clients} clients; "
-            f"{config.num_server_rounds} rounds -> {out}" + (" (resuming)" if resume else "")
+            f"[bold]spikefed-server[/] devices: {endpoint.listen} (nginx, {scheme}: Fleet API "
+            f"and /health only{', node auth' if keys else ''}); SuperLink: {admin.local} "
+            f"(loopback: Control + Runtime API; FLWR_HOME={home} flwr ls {CONNECTION}); waiting "
+            f"for {min_clients} clients; {config.num_server_rounds} rounds -> {out}"
+            + (" (resuming)" if resume else "")
         )
-        register_keys(keys, env)
+        if keys:
+            sync_keys(keys, home, env)
         flwr_run = ProcessTree(submit(config, home, env))
+        trees.append(flwr_run)
         run_id = stream(flwr_run.proc)
         record = wait_finished(run_id, env)
         record["rounds-this-run"] = config.num_server_rounds - done_before
         (out / "deployment.json").write_text(json.dumps(record, indent=2) + "\n")
         status = record.get("status", "unknown")
         if status != "finished:completed":
+            details = str(record.get("status-details", "")).removeprefix(
+                "ServerApp failed with exception: ")
             raise ServerFailure(
-                f"run {run_id} ended {status} ({record.get('status-details', '')}); "
+                f"run {run_id} ended {status} ({details}); "
                 f"see the log above and {log_path}"
             )
         _print_result(out, record)
         if keep_alive:
-            console.print(f"--keep-alive: the SuperLink keeps serving {endpoint.local}; "
-                          "Ctrl-C to stop it")
+            console.print(f"--keep-alive: devices' address {endpoint.listen} and the SuperLink "
+                          f"{admin.local} keep serving; Ctrl-C to stop them")
             superlink.proc.wait()
     except KeyboardInterrupt:
         err_console.print("stopping the SuperLink")
         raise typer.Exit(130) from None
     finally:
-        for tree in (flwr_run, superlink):
-            if tree is not None:
-                tree.stop()
+        for tree in reversed(trees):
+            tree.stop()
+        server_lock.release()
 
 
 def _print_result(out: Path, record: dict[str, Any]) -> None:

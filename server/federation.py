@@ -5,7 +5,9 @@
 it evaluates the global model on the test split, writes the checkpoint atomically, appends the
 round to metrics.jsonl and tells the observer. With `resume=True` it continues after the newest
 checkpoint whose hash verifies (a corrupt newest one is skipped with a message) and keeps
-metrics.jsonl to the rounds before it, so no finished round is lost or repeated. A Federation holds
+metrics.jsonl to the rounds before it, so no finished round is lost or repeated. The first round
+waits for `min-clients` devices, later ones for `min-nodes`, each wait bounded by
+`node-wait-timeout` (`DeviceWait`; then `DevicesLost` ends the run). A Federation holds
 its run directory's lock (`RunDir.lock`) from construction to the end of `run`. At the end it
 profiles one training step of the final global model (a test batch of `batch-size`) on the
 configured chip (`shared.neurocore`) and writes that report to `neurocore/`. In train-mode
@@ -64,6 +66,50 @@ class Observers:
     def on_round_end(self, record: RoundRecord) -> None:
         for observer in self.observers:
             observer.on_round_end(record)
+
+
+class DevicesLost(RunError):
+    """Too few devices stayed connected for longer than `node-wait-timeout`: the run ends (exit
+    code 1), its checkpoints intact for `--resume`."""
+
+    exit_code = 1
+
+
+class DeviceWait:
+    """The Grid the strategy sees: Flower's, with its wait for devices bounded.
+
+    Flower's `sample_nodes` polls `get_node_ids()` once a second, with no deadline, until the
+    strategy's `min_available_nodes` are connected. This proxy counts how long the connected set
+    has stayed below that number and raises `DevicesLost` after `deadline_s` seconds. The
+    Federation lowers `min_available_nodes` from `min-clients` to `min-nodes` once the first
+    round is done, so later rounds go on with the devices still connected."""
+
+    def __init__(self, grid: Grid, strategy: Any, deadline_s: float,
+                 clock: Any = time.monotonic) -> None:
+        self._grid, self._strategy = grid, strategy
+        self._deadline_s, self._clock = deadline_s, clock
+        self._short_since: float | None = None
+        self.done_rounds = 0  # the global round the run has finished (for the message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def get_node_ids(self) -> Any:
+        ids = list(self._grid.get_node_ids())
+        needed = int(self._strategy.min_available_nodes)
+        if len(ids) >= needed:
+            self._short_since = None
+            return ids
+        now = self._clock()
+        if self._short_since is None:
+            self._short_since = now
+        elif now - self._short_since > self._deadline_s:
+            raise DevicesLost(
+                f"waited {self._deadline_s:g} s (node-wait-timeout) for {needed} devices, "
+                f"{len(ids)} connected; the checkpoints up to round {self.done_rounds} are "
+                "intact: start the devices and rerun with --resume"
+            )
+        return ids
 
 
 class Federation:
@@ -142,6 +188,9 @@ class Federation:
             if self.observer:
                 strategy.on_round_start = self.observer.on_round_start
             self._strategy = strategy
+            self._devices = DeviceWait(grid, strategy, config.node_wait_timeout)
+            self._devices.done_rounds = self.round_offset
+            grid = self._devices  # type: ignore[assignment]
             train_config = config.to_flwr()
             if self.byzantine:
                 train_config.update({NODES_KEY: self.byzantine[0], KIND_KEY: self.byzantine[1]})
@@ -271,7 +320,12 @@ class Federation:
             spike_density=stats.spike_density,
         )
         self.history.append(record)
-        self.run_dir.append_round(record)
+        self.run_dir.append_round(record)  # fsynced: from here on the round counts as done
+        # min-clients is what the first round waits for; later rounds go on with the devices
+        # still connected, at least min-nodes (a device lost for good never hangs the run)
+        self._strategy.min_available_nodes = min(self._strategy.min_available_nodes,
+                                                 self.config.min_nodes)
+        self._devices.done_rounds = global_round
         if self.observer:
             self.observer.on_round_end(record)
         return MetricRecord({"accuracy": accuracy, "loss": loss})

@@ -1,21 +1,39 @@
-"""Stopping a process together with everything it started.
+"""Launchers own their processes: everything a launcher starts ends with it, however it ends.
 
 Flower's SuperLink and SuperNode start `flower-superexec` in a new session, which starts
 `flwr-serverapp` / `flwr-clientapp` processes; a signal to the parent's process group does not
-reach them, they outlive a parent that dies (reparented to init, so no longer its descendants)
-and notice the loss only after a while. `ProcessTree` therefore remembers the descendants it
-has seen (from /proc, so on Linux; elsewhere only the process itself is tracked) while it runs,
-and `stop()` ends the parent, then every one of them still alive.
+reach them, and they outlive a parent that dies (reparented to init). A launcher therefore starts
+each Flower command under a *guardian* (`start_guarded`, this module run as a program): a small
+stdlib-only Python process in its own session that
+
+- asks the kernel for SIGTERM when the launcher dies (`PR_SET_PDEATHSIG`; SIGKILL of the
+  launcher included, and a kill of the launcher's whole process group, which the guardian is
+  not in),
+- is a child subreaper (`PR_SET_CHILD_SUBREAPER`), so every orphan below it, new sessions
+  included, is reparented to it instead of init and stays findable in /proc,
+- on that signal, on SIGTERM/SIGINT/SIGHUP, or when its command exits, ends every process below
+  it (SIGTERM, SIGKILL after a grace period) and exits with the command's exit code.
+
+`ProcessTree` is the launcher's handle: it also remembers the descendants it has seen and
+`stop()` ends the guardian, then every one of them still alive. Linux only for the guardian's
+guarantees (elsewhere the command runs without one and only `stop()` applies).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+GUARDIAN_GRACE_S = 3.0  # after the launcher's death: short, so that the port is free at once
 
 
 def descendants(pid: int) -> list[int]:
@@ -118,3 +136,85 @@ class ProcessTree:
                 self.proc.kill()
                 self.proc.wait()
         kill_all([p for p, t in self.seen.items() if start_time(p) == t], grace_s)
+
+
+def _prctl(option: int, value: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _die_with_parent() -> None:  # runs in the forked child, before exec: async-signal-safe
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def start_guarded(cmd: list[str], **popen: Any) -> subprocess.Popen:
+    """Start `cmd` under a guardian (see the module's docstring); `popen` are Popen's keyword
+    arguments (stdout, env, cwd, ...). Start it from the main thread: the kernel's parent-death
+    signal follows the thread that forked."""
+    if not sys.platform.startswith("linux"):
+        return subprocess.Popen(cmd, **popen)
+    guardian = [sys.executable, "-m", "shared.process", str(os.getpid()), "--", *cmd]
+    env = dict(popen.pop("env", None) or os.environ)
+    root = str(Path(__file__).resolve().parent.parent)  # `shared` must import in the guardian
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return subprocess.Popen(guardian, start_new_session=True, env=env, **popen)
+
+
+def _end_everything_below(grace_s: float) -> None:
+    """SIGTERM, then SIGKILL, every descendant, until none is left (they may fork meanwhile)."""
+    for _ in range(5):
+        pids = descendants(os.getpid())
+        if not pids:
+            return
+        kill_all(pids, grace_s)
+        _reap()
+
+
+def _reap(child: subprocess.Popen | None = None) -> None:
+    """Collect exited processes below us (orphans reparent to a subreaper and must be reaped)."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if child is not None and pid == child.pid and child.returncode is None:
+            child.returncode = os.waitstatus_to_exitcode(status)
+
+
+def guard(launcher: int, cmd: list[str]) -> int:
+    """The guardian's body: run `cmd` until it exits or we are told to stop (or the launcher
+    dies), then end everything below us. Returns the command's exit code (128 + signal when a
+    signal ended it)."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != launcher:  # the launcher died before we could ask to be told
+        return 128 + signal.SIGTERM
+    stopping: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: stopping.append(signum))
+    try:
+        child = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+    except OSError as err:
+        print(f"error: cannot start {cmd[0]}: {err.strerror}", file=sys.stderr)
+        return 127
+    while not stopping and child.returncode is None:
+        _reap(child)
+        time.sleep(0.1)
+    grace = GUARDIAN_GRACE_S if os.getppid() != launcher else 10.0
+    _end_everything_below(grace)
+    _reap(child)
+    code = child.returncode
+    if code is None:
+        return 128 + (stopping[0] if stopping else signal.SIGTERM)
+    return 128 - code if code < 0 else code
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 4 or sys.argv[2] != "--":
+        sys.exit("usage: python -m shared.process LAUNCHER_PID -- COMMAND [ARG...]")
+    sys.exit(guard(int(sys.argv[1]), sys.argv[3:]))
