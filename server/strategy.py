@@ -10,8 +10,15 @@ bytes; their spike density) and update validation (`server.validation`): every t
 checked and decoded to full float32 weights against the global weights sent that round before the
 Flower strategy (or the DP wrapper, which clips against those same weights) sees it. Rejected
 replies are logged with node id and reason and left out; with fewer than `min-nodes` valid
-updates, or an aggregate that is no usable model (non-finite, negative BN variances), the round
-leaves the global model unchanged.
+updates, or an aggregate that is no usable model (non-finite, or outside the value bounds of
+`shared.reply`: huge weights, vanishing BN variances, a step beyond `MAX_STEP`), the round leaves
+the global model unchanged and the log names the replies that moved the offending tensor most.
+
+Every reply is untrusted: evaluate replies are validated too (`server.validation.accept_evaluate`),
+each accepted reply's weight is its claim capped by `server.validation.capped_weights`, and any
+exception raised while handling one reply is contained to it (rejected as `internal`, logged with
+its traceback); an exception inside the Flower strategy's own aggregation is logged and the round
+keeps the model. No reply ends the run.
 """
 
 from __future__ import annotations
@@ -38,7 +45,14 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from server.validation import Rejected, accept, as_flower_reply, unusable
+from server.validation import (
+    Rejected,
+    accept,
+    accept_evaluate,
+    as_flower_reply,
+    capped_weights,
+    unusable,
+)
 from shared.config import RunConfig
 
 log = logging.getLogger("spikefed")
@@ -114,10 +128,18 @@ class RoundRecorder:
         stats.bytes_down = record_bytes(arrays) * len(messages)
         return messages
 
+    def _reject(self, stats: RoundStats, msg: Message, reason: str, detail: str,
+                phase: str = "update") -> None:
+        stats.rejected += 1
+        stats.rejected_reasons[reason] = stats.rejected_reasons.get(reason, 0) + 1
+        log.warning("round %d: rejected the %s of node %s: %s: %s", stats.round, phase,
+                    _node(msg), reason, detail)
+
     def _validate(
         self, global_round: int, replies: list[Message], stats: RoundStats
     ) -> list[Message]:
-        """The replies that pass `server.validation.accept`, rewritten to full float32 weights."""
+        """The replies that pass `server.validation.accept`, rewritten to full float32 weights
+        with their capped weight."""
         if self.global_arrays is None:
             raise RuntimeError("aggregate_train before configure_train: call expect(arrays) first")
         accepted: list[tuple[Message, ArrayRecord]] = []
@@ -126,17 +148,25 @@ class RoundRecorder:
                 weights = accept(msg.content, self.global_arrays, bits=self.update_bits,
                                  max_norm=self.max_update_norm)
             except Rejected as err:
-                stats.rejected += 1
-                stats.rejected_reasons[err.reason] = stats.rejected_reasons.get(err.reason, 0) + 1
-                log.warning("round %d: rejected the update of node %d: %s", global_round,
-                            msg.metadata.src_node_id, err)
+                self._reject(stats, msg, err.reason, err.detail)
+                continue
+            except Exception as err:  # a bug or a case no rule foresaw: this reply only
+                log.exception("round %d: failed on the update of node %s", global_round,
+                              _node(msg))
+                self._reject(stats, msg, "internal", f"{type(err).__name__}: {err}")
                 continue
             accepted.append((msg, weights))
-        if accepted:
-            common = set.intersection(*(set(m.content["metrics"]) for m, _ in accepted))
-            for msg, weights in accepted:
-                as_flower_reply(msg.content, weights, common)
-        return [msg for msg, _ in accepted]
+        return self._as_flower([m for m, _ in accepted], [w for _, w in accepted])
+
+    def _as_flower(self, msgs: list[Message], weights: list[ArrayRecord | None]) -> list[Message]:
+        """Rewrite accepted replies for Flower: common metric keys, capped example weights."""
+        if not msgs:
+            return []
+        claims = [float(m.content["metrics"]["num-examples"]) for m in msgs]
+        common = set.intersection(*(set(m.content["metrics"].keys()) for m in msgs))
+        for msg, arrays, weight in zip(msgs, weights, capped_weights(claims), strict=True):
+            as_flower_reply(msg.content, arrays, common, weight)
+        return msgs
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -148,6 +178,7 @@ class RoundRecorder:
         stats.failed = len(replies) - len(ok)
         stats.bytes_up += sum(reply_bytes(m.content) for m in ok)  # rejected ones travelled too
         accepted = self._validate(global_round, ok, stats)
+        updates = {_node(m): m.content["arrays"] for m in accepted}  # before DP clips them
         for msg in accepted:
             metrics = msg.content["metrics"]
             stats.energy_j += float(metrics.get("energy-j", 0.0))
@@ -157,11 +188,17 @@ class RoundRecorder:
             log.warning("round %d: %d valid updates, fewer than min-nodes=%d: the global model "
                         "stays unchanged", global_round, len(accepted), self.min_valid)
             return None, None
-        arrays, metrics = super().aggregate_train(global_round, accepted)  # type: ignore[misc]
-        problem = unusable(arrays) if arrays is not None else None
+        try:
+            arrays, metrics = super().aggregate_train(global_round, accepted)  # type: ignore[misc]
+        except Exception:  # the Flower strategy failed on accepted replies: keep the model
+            log.exception("round %d: the strategy's aggregation failed: the global model stays "
+                          "unchanged", global_round)
+            return None, None
+        problem = unusable(arrays, self.global_arrays) if arrays is not None else None
         if problem:
             log.warning("round %d: the aggregate is not a usable model (%s): the global model "
-                        "stays unchanged", global_round, problem)
+                        "stays unchanged; %s", global_round, problem,
+                        at_fault(updates, self.global_arrays, problem))
             arrays = None
         stats.clients = len(accepted) if arrays is not None else 0  # Bulyan may decline
         if metrics is not None:
@@ -182,15 +219,63 @@ class RoundRecorder:
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """Validate each evaluate reply (a bad one is rejected and counted like an update), leave
+        out those that evaluated no examples, and let Flower average the rest."""
         global_round = self.round_offset + server_round
-        metrics = super().aggregate_evaluate(global_round, replies)  # type: ignore[misc]
-        if metrics is not None and global_round in self.rounds:
-            self.rounds[global_round].client_accuracy = _maybe_float(metrics.get("accuracy"))
+        stats = self.rounds.setdefault(global_round, RoundStats(global_round))
+        accepted = []
+        for msg in replies:
+            if msg.has_error():
+                continue
+            try:
+                if accept_evaluate(msg.content) > 0:
+                    accepted.append(msg)
+            except Rejected as err:
+                self._reject(stats, msg, err.reason, err.detail, "evaluation")
+            except Exception as err:
+                log.exception("round %d: failed on the evaluation of node %s", global_round,
+                              _node(msg))
+                self._reject(stats, msg, "internal", f"{type(err).__name__}: {err}", "evaluation")
+        accepted = self._as_flower(accepted, [None] * len(accepted))
+        if not accepted:
+            return None
+        try:
+            metrics = super().aggregate_evaluate(global_round, accepted)  # type: ignore[misc]
+        except Exception:
+            log.exception("round %d: aggregating the evaluations failed", global_round)
+            return None
+        if metrics is not None:
+            stats.client_accuracy = _maybe_float(metrics.get("accuracy"))
         return metrics
 
 
 def _maybe_float(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) else None
+
+
+def _node(msg: Message) -> object:
+    try:
+        return msg.metadata.src_node_id
+    except Exception:
+        return "?"
+
+
+def at_fault(
+    updates: dict[object, ArrayRecord], sent: dict[str, np.ndarray] | None, problem: str
+) -> str:
+    """Names the replies that moved the tensor named in `problem` most (largest |change|), for
+    the log of a round whose aggregate broke the bounds."""
+    name = problem.split(":")[0].split(" ")[0]
+    if sent is None or name not in sent:
+        return f"accepted replies from nodes {sorted(updates, key=str)}"
+    moved = {}
+    for node, arrays in updates.items():
+        if name in arrays:
+            delta = arrays[name].numpy().astype(np.float64) - sent[name]
+            moved[node] = float(np.abs(delta).max()) if delta.size else 0.0
+    ranked = sorted(moved.items(), key=lambda item: -item[1])[:3]
+    nodes = ", ".join(f"node {node} ({value:.3g})" for node, value in ranked)
+    return f"largest changes of {name}: {nodes}"
 
 
 def sample_size(config: RunConfig) -> int:

@@ -44,12 +44,12 @@ def test_strategies_aggregate_and_robust_ones_resist_an_outlier(name, robust):
     strategy.expect(ArrayRecord({k: Array(v) for k, v in SENT.items()}))
     if name == "fedadam":  # FedOpt needs the current global model before aggregating
         strategy.current_arrays = {"w": np.ones(4, dtype=np.float32)}
-    arrays, metrics = strategy.aggregate_train(1, replies([1.0, 1.1, 0.9, 1.0, 100.0]))
+    arrays, metrics = strategy.aggregate_train(1, replies([1.0, 1.1, 0.9, 1.0, 10.0]))
     value = float(arrays["w"].numpy()[0])
     if robust:
         assert 0.85 < value < 1.15
     elif name != "fedadam":
-        assert value == pytest.approx(20.8, rel=1e-5)  # the plain mean follows the outlier
+        assert value == pytest.approx(2.8, rel=1e-5)  # the plain mean follows the outlier
     stats = strategy.rounds[4]  # round 1 after a resume at round 3
     assert stats.clients == 5 and stats.failed == 0
     serialized = len(Array(np.zeros(4, dtype=np.float32)).data)  # .npy bytes that travel

@@ -1,7 +1,12 @@
 """server.validation and the strategies' use of it: every rule refuses its case, a good update
-passes, rejected updates are counted and left out, too few valid updates leave the model as is."""
+passes, rejected updates are counted and left out, too few valid updates leave the model as is,
+evaluate replies are validated, claimed example counts cannot buy weight. The hypothesis fuzzer
+over all of it is test_reply_fuzz.py."""
 
 from __future__ import annotations
+
+import io
+import zipfile
 
 import numpy as np
 import pytest
@@ -16,7 +21,8 @@ from flwr.app import (
 from support import reply
 
 from server.strategy import make_strategy, privacy_summary, reply_bytes
-from server.validation import Rejected, accept
+from server.validation import Rejected, accept, accept_evaluate, capped_weights, unusable
+from shared import reply as contract
 from shared.config import RunConfig
 from shared.quant.update import EncodedTensor, encode_update
 
@@ -115,14 +121,87 @@ CASES = {
         "dtype"),
     "scale for a statistics tensor": (
         lambda: _set(content(), "update-scales", "bn.running_var", 0.5), 8, "names"),
+    # record kinds: a swap is refused by type, never indexed
+    "arrays as a ConfigRecord": (
+        lambda: _set_record(content(), "arrays", ConfigRecord({"fc.bias": 1.0})), 8, "type"),
+    "scales as an ArrayRecord": (
+        lambda: _set_record(content(), "update-scales",
+                            ArrayRecord({"fc.bias": Array(np.zeros(1, np.float32))})), 8, "type"),
+    "metrics as a ConfigRecord": (
+        lambda: _set_record(content(), "metrics", ConfigRecord({"num-examples": 10})), 8, "type"),
+    "two MetricRecords": (
+        lambda: _set_record(content(), "metrics-2", metrics()), 8, "names"),
+    "an extra ConfigRecord at 32 bits": (
+        lambda: _set_record(content(bits=32), "config", ConfigRecord({"x": 1})), 32, "names"),
+    # metric values: scalars where scalars belong, in bounds
+    "energy as a list": (lambda: _set(content(), "metrics", "energy-j", [0.1, 0.2]), 8, "type"),
+    "num-examples as a list": (
+        lambda: _set(content(), "metrics", "num-examples", [10, 10]), 8, "type"),
+    "negative energy": (lambda: _set(content(), "metrics", "energy-j", -1.0), 8, "metrics"),
+    "huge cycles": (lambda: _set(content(), "metrics", "cycles", 1.7e308), 8, "metrics"),
+    "cycles beyond float": (lambda: _set(content(), "metrics", "cycles", 10**400), 8, "metrics"),
+    "accuracy above 1": (lambda: _set(content(), "metrics", "accuracy", 1.5), 8, "metrics"),
+    "unknown metric": (lambda: _set(content(), "metrics", "bonus", 1.0), 8, "metrics"),
+    "claims 1e308 examples": (
+        lambda: _set(content(), "metrics", "num-examples", 1e308), 8, "metrics"),
+    # size before decoding, forged headers
+    "oversized array": (
+        lambda: _set(content(), "arrays", "fc.bias", Array(np.zeros(100_000, np.uint8))), 8,
+        "size"),
+    "huge string scale": (
+        lambda: _set(content(), "update-scales", "fc.bias", "x" * 200_000), 8, "size"),
+    "header claims a huge shape": (
+        lambda: _set(content(bits=32), "arrays", "fc.bias", Array(
+            dtype="float32", shape=(5,), stype="numpy.ndarray", data=_npy_header((10**12,)))),
+        32, "shape"),
+    "an npz archive": (
+        lambda: _set(content(bits=32), "arrays", "fc.bias", Array(
+            dtype="float32", shape=(5,), stype="numpy.ndarray", data=_npz())), 32, "malformed"),
+    "big-endian floats": (
+        lambda: _set(content(bits=32), "arrays", "fc.bias", Array(np.zeros(5, ">f4"))), 32,
+        "dtype"),
+    # values: bounded by the model and the quantizer
+    "scale 2**100": (lambda: _set(content(), "update-scales", "fc.bias", 2.0**100), 8, "bounds"),
+    "scale beyond float": (
+        lambda: _set(content(), "update-scales", "fc.bias", 2**2000), 8, "bounds"),
+    "weights of 1e30": (
+        lambda: _set(content(bits=32), "arrays", "fc.bias", Array(np.full(5, 1e30, np.float32))),
+        32, "bounds"),
+    "a weight moved by 20 in one round": (
+        lambda: _set(content(bits=32), "arrays", "fc.bias", Array(np.full(5, 20, np.float32))),
+        32, "bounds"),
+    "running variance 1e-30": (
+        lambda: content({"conv.weight": 0.0, "fc.bias": 0.0,
+                         "bn.running_var": np.full(2, 1e-30 - 1.0)}), 8, "bounds"),
 }
+
+
+def _set_record(body: RecordDict, name: str, record) -> RecordDict:
+    body[name] = record
+    return body
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """An npy file whose header announces `shape` float32 values, with 8 bytes of data."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        out, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return out.getvalue() + b"\0" * 8
+
+
+def _npz() -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr("a.npy", b"junk")
+    return out.getvalue()
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_rule_rejects_its_case(case):
     make, bits, reason = CASES[case]
+    max_norm = 0.0 if reason == "bounds" else 1.0  # value bounds hold with no norm limit
     with pytest.raises(Rejected) as err:
-        accept(make(), GLOBAL, bits=bits, max_norm=1.0)
+        accept(make(), GLOBAL, bits=bits, max_norm=max_norm)
     assert err.value.reason == reason, err.value
     accept(content(bits=bits), GLOBAL, bits=bits, max_norm=1.0)  # and a good one passes
 
@@ -203,10 +282,106 @@ def test_server_side_dp_clips_the_decoded_update_and_adds_noise():
 
 
 def test_an_unusable_aggregate_of_valid_updates_keeps_the_model(caplog):
-    strategy = strategy_for("fedavg", 3)
-    boosted = {"conv.weight": np.zeros((2, 3, 4)), "fc.bias": np.zeros(5),
-               "bn.running_var": np.full(2, -3.0)}  # each update valid, variances end up < 0
-    replies = [reply(content(boosted), i + 1) for i in range(3)]
+    # each update is valid, but DP noise of stdev 1000 * 0.05 / 3 moves weights beyond MAX_STEP
+    strategy = strategy_for("fedavg", 3, **{"dp-clipping-norm": 0.05,
+                                            "dp-noise-multiplier": 1000.0})
+    replies = [reply(content(0.01, seed=i), i + 1) for i in range(3)]
     assert strategy.aggregate_train(1, replies)[0] is None
     assert strategy.rounds[1].clients == 0 and strategy.rounds[1].rejected == 0
-    assert "negative variances" in caplog.text
+    assert "moved by" in caplog.text and "largest changes of" in caplog.text
+    assert "node 1" in caplog.text  # the replies are named
+
+
+def test_unusable_names_non_finite_negative_huge_and_jumping_models():
+    def record(**values):
+        return ArrayRecord({k: Array(np.asarray(values.get(k, v), np.float32))
+                            for k, v in GLOBAL.items()})
+
+    assert unusable(record()) is None and unusable(record(), GLOBAL) is None
+    assert "not finite" in unusable(record(**{"fc.bias": np.full(5, np.nan)}))
+    assert "negative" in unusable(record(**{"bn.running_var": np.full(2, -1.0)}))
+    assert "values in" in unusable(record(**{"bn.running_var": np.full(2, 1e-30)}))
+    assert "values in" in unusable(record(**{"fc.bias": np.full(5, 1e4)}))
+    assert "moved by" in unusable(record(**{"fc.bias": np.full(5, 17.0)}), GLOBAL)
+    assert unusable(record(**{"fc.bias": np.full(5, 17.0)})) is None  # no previous: no step
+
+
+def evaluation(**changes) -> RecordDict:
+    values = {"loss": 0.5, "accuracy": 0.8, "num-examples": 100, **changes}
+    return RecordDict({"metrics": MetricRecord({k: v for k, v in values.items()
+                                                if v is not None})})
+
+
+EVALUATE_CASES = {
+    "extra key": (lambda: evaluation(spare=1.0), "metrics"),
+    "missing key": (lambda: evaluation(loss=None), "metrics"),
+    "list num-examples": (lambda: evaluation(**{"num-examples": [1, 2]}), "type"),
+    "two MetricRecords": (lambda: _set_record(evaluation(), "more", MetricRecord({"a": 1})),
+                          "names"),
+    "metrics as a ConfigRecord": (
+        lambda: RecordDict({"metrics": ConfigRecord({"loss": 0.5})}), "type"),
+    "no records": (lambda: RecordDict(), "metrics"),
+    "arrays in an evaluation": (
+        lambda: _set_record(evaluation(), "arrays", ArrayRecord()), "names"),
+    "negative examples": (lambda: evaluation(**{"num-examples": -5}), "metrics"),
+    "NaN loss": (lambda: evaluation(loss=float("nan")), "metrics"),
+    "oversized": (lambda: evaluation(loss=[0.5] * 20_000), "size"),
+}
+
+
+@pytest.mark.parametrize("case", list(EVALUATE_CASES))
+def test_each_evaluate_rule_rejects_its_case(case):
+    make, reason = EVALUATE_CASES[case]
+    with pytest.raises(Rejected) as err:
+        accept_evaluate(make())
+    assert err.value.reason == reason, err.value
+    assert accept_evaluate(evaluation()) == 100 and accept_evaluate(
+        evaluation(**{"num-examples": 0})) == 0
+
+
+def test_bad_evaluate_replies_are_counted_and_zero_examples_do_not_crash(caplog):
+    strategy = strategy_for("fedavg", 3)
+    good = reply(evaluation(accuracy=0.6), 1, kind="evaluate")
+    bad = [reply(make(), i + 2, kind="evaluate") for i, (make, _) in
+           enumerate(EVALUATE_CASES.values())]
+    metrics = strategy.aggregate_evaluate(1, [good, *bad])
+    assert metrics["accuracy"] == pytest.approx(0.6)
+    stats = strategy.rounds[1]
+    assert stats.rejected == len(EVALUATE_CASES) and stats.client_accuracy == pytest.approx(0.6)
+    assert sum(stats.rejected_reasons.values()) == stats.rejected
+    assert "evaluation of node 2" in caplog.text
+    empty = [reply(evaluation(**{"num-examples": 0}), i + 1, kind="evaluate") for i in range(3)]
+    assert strategy.aggregate_evaluate(2, empty) is None
+    huge = [reply(evaluation(accuracy=0.0, **{"num-examples": contract.MAX_EXAMPLES}), 1,
+                  kind="evaluate"), reply(evaluation(accuracy=1.0), 2, kind="evaluate"),
+            reply(evaluation(accuracy=1.0), 3, kind="evaluate")]
+    metrics = strategy.aggregate_evaluate(3, huge)  # the big claim weighs 4 x the median
+    assert metrics["accuracy"] == pytest.approx(2 / 6)
+
+
+def test_an_exception_while_handling_one_reply_rejects_only_that_reply(monkeypatch, caplog):
+    import server.strategy as module
+
+    real = module.accept
+
+    def flaky(content, *args, **kwargs):
+        if content["metrics"]["loss"] == 2.0:
+            raise KeyError("surprise")
+        return real(content, *args, **kwargs)
+
+    monkeypatch.setattr(module, "accept", flaky)
+    strategy = strategy_for("fedavg", 3)
+    odd = content(0.01)
+    odd["metrics"]["loss"] = 2.0
+    arrays, _ = strategy.aggregate_train(1, [reply(content(0.01), 1), reply(odd, 2),
+                                             reply(content(0.01, seed=2), 3)])
+    assert arrays is not None and strategy.rounds[1].rejected_reasons == {"internal": 1}
+    assert "Traceback" in caplog.text and "KeyError" in caplog.text
+
+
+def test_weights_are_capped_at_four_times_the_median_claim_and_never_vanish():
+    assert capped_weights([800, 700, 900, 1e308]) == [800, 700, 900, 3200]
+    assert capped_weights([800, 1e6]) == [800, 3200]  # the lower median of two
+    assert capped_weights([]) == []
+    extreme = capped_weights([1, contract.MAX_EXAMPLES, contract.MAX_EXAMPLES])
+    assert all(w >= 1 for w in extreme) and np.isfinite(sum(extreme))
