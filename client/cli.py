@@ -123,11 +123,24 @@ def supernode_command(server: str, ca_cert: Path | None, auth_key: Path | None, 
     return cmd
 
 
-def _raise_on_sigterm() -> None:
+_running: list[Attempt] = []  # the SuperNode attempt under way, for the signal handler
+_stopping = threading.Event()
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM / SIGINT end the SuperNode attempt under way (its guardian ends everything below
+    it) instead of raising inside a thread wait, where CPython may lose the exception."""
+
     def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        _stopping.set()
+        if not _running:
+            raise KeyboardInterrupt
+        for attempt in _running:
+            if attempt.tree.proc.poll() is None:
+                attempt.tree.proc.terminate()
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 class Attempt:
@@ -176,11 +189,14 @@ def run_supernode(cmd: list[str], env: dict[str, str], deadline: float, what: st
     (the server registers node keys just after it comes up)."""
     while True:
         attempt = Attempt(cmd, env)
+        _running[:] = [attempt]
         try:
             code = attempt.run()
-        except KeyboardInterrupt:
+        finally:
+            _running.clear()
+        if _stopping.is_set():
             attempt.tree.stop()
-            raise typer.Exit(130) from None
+            raise typer.Exit(130)
         if code == 0:
             return
         if attempt.activated:
@@ -252,10 +268,13 @@ def main(
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     print(f"spikefed-client: {config} -> {server}", flush=True)
-    _raise_on_sigterm()
+    _stop_on_signals()
     what = f"key {auth_key}" if auth_key else "no --auth-key given"
-    run_supernode(supernode_command(server, ca, key, config, connect_timeout), env, deadline,
-                  what)
+    try:
+        run_supernode(supernode_command(server, ca, key, config, connect_timeout), env, deadline,
+                      what)
+    except KeyboardInterrupt:  # between two attempts: nothing runs below us
+        raise typer.Exit(130) from None
 
 
 def run_cli() -> None:
