@@ -21,10 +21,16 @@ with g the surrogate's pseudo-derivative evaluated for all T at once. With `deta
 default) the reset is treated as a constant in the backward pass (dv/ds = 0), as in snnTorch.
 A surrogate given as an arbitrary callable falls back to `multistep_reference`, the plain
 step-by-step autograd loop that also serves as the tests' reference.
+
+Quantized errors (`train-precision` fp16 / int8, `shared.quant.integer_training`): a neuron whose
+`error_quantizer` is set rounds dL/dh[t] in place at every step of the backward recurrence, before
+it is carried to step t - 1 and passed to the input, so the carry is the rounded error, as on a chip
+that stores errors at that precision. When it is None (float training) the backward is unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -33,6 +39,20 @@ from torch import Tensor, nn
 from .surrogate import SpikeFn, Surrogate, get_surrogate
 
 Reset = Literal["subtract", "zero"]
+ErrorQuantizer = Callable[[Tensor], Tensor]  # rounds one step's dL/dh in place and returns it
+
+
+class _QuantizeGrad(torch.autograd.Function):
+    """Identity forward; the backward rounds the incoming gradient with `quantizer` (a copy)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, quantizer: ErrorQuantizer) -> Tensor:  # type: ignore[override]
+        ctx.quantizer = quantizer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return ctx.quantizer(grad.clone()), None
 
 
 class _MultiStepNeuron(torch.autograd.Function):
@@ -46,6 +66,7 @@ class _MultiStepNeuron(torch.autograd.Function):
         subtract: bool,
         detach_reset: bool,
         surrogate: Surrogate,
+        quantizer: ErrorQuantizer | None = None,
     ) -> tuple[Tensor, Tensor]:
         steps = x_seq.shape[0]
         h_seq = torch.empty(x_seq.shape, dtype=x_seq.dtype, device=x_seq.device)
@@ -65,6 +86,7 @@ class _MultiStepNeuron(torch.autograd.Function):
         ctx.save_for_backward(h_seq)
         ctx.v_init_shape = v_init.shape
         ctx.config = (decay, threshold, subtract, detach_reset, surrogate)
+        ctx.quantizer = quantizer
         ctx.mark_non_differentiable(h_seq)
         ctx.set_materialize_grads(False)  # no zero-filled [T, ...] gradient for h_seq
         return s_seq, h_seq
@@ -72,10 +94,23 @@ class _MultiStepNeuron(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_s: Tensor | None, _grad_h: Tensor | None):  # type: ignore[override]
         if grad_s is None:  # the spikes were not used
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         (h_seq,) = ctx.saved_tensors
         decay, threshold, subtract, detach_reset, surrogate = ctx.config
-        if detach_reset:
+        quantizer = ctx.quantizer
+        if quantizer is not None and detach_reset:
+            # the same recurrence, dL/dh[t] rounded before it is carried to t - 1
+            grad_x = surrogate.grad_mul_(h_seq - threshold, grad_s)
+            last = h_seq.shape[0] - 1
+            quantizer(grad_x[last])
+            for t in reversed(range(last)):
+                if subtract:
+                    grad_x[t].add_(grad_x[t + 1], alpha=decay)
+                else:
+                    carry = grad_x[t + 1] * decay if decay != 1.0 else grad_x[t + 1]
+                    grad_x[t].add_(carry.masked_fill(h_seq[t] >= threshold, 0))
+                quantizer(grad_x[t])
+        elif detach_reset:
             # dL/dh[t] = dL/ds[t] g[t] + decay dL/dh[t+1] (times 1 - s[t] for reset to zero),
             # accumulated in place in the buffer that held h - threshold.
             grad_x = surrogate.grad_mul_(h_seq - threshold, grad_s)
@@ -97,12 +132,14 @@ class _MultiStepNeuron(torch.autograd.Function):
                         gh = gh - threshold * grad_v * sg[t] + grad_v
                     else:  # v = h (1 - s)
                         gh = gh - grad_v * h * sg[t] + grad_v.masked_fill(h >= threshold, 0)
+                if quantizer is not None:
+                    gh = quantizer(gh.clone())
                 grad_x[t] = gh
                 grad_v = gh * decay
         grad_v_init = None
         if ctx.needs_input_grad[1]:
             grad_v_init = (grad_x[0] * decay).sum_to_size(ctx.v_init_shape)
-        return grad_x, grad_v_init, None, None, None, None, None
+        return grad_x, grad_v_init, None, None, None, None, None, None
 
 
 def multistep_reference(
@@ -114,12 +151,18 @@ def multistep_reference(
     reset: Reset = "subtract",
     v_init: float | Tensor = 0.0,
     detach_reset: bool = True,
+    error_quantizer: ErrorQuantizer | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The plain loop: one autograd graph per step. Returns (spikes, membrane h), both [T, ...]."""
+    """The plain loop: one autograd graph per step. Returns (spikes, membrane h), both [T, ...].
+
+    With `error_quantizer`, dL/dh[t] is rounded by it at every step (what the fused backward does).
+    """
     v: Tensor | float = v_init
     spikes, membrane = [], []
     for t in range(x_seq.shape[0]):
         h = decay * v + x_seq[t]
+        if error_quantizer is not None:
+            h = _QuantizeGrad.apply(h, error_quantizer)
         s = spike_fn(h - threshold)
         s_reset = s.detach() if detach_reset else s
         v = h - threshold * s_reset if reset == "subtract" else h * (1 - s_reset)
@@ -141,7 +184,8 @@ class LIF(nn.Module):
         detach_reset: treat the reset as a constant in the backward pass.
 
     Set `record_membrane = True` to keep the last forward's membrane potentials `h` in
-    `self.membrane` (`[T, B, ...]`, detached); when False nothing is stored.
+    `self.membrane` (`[T, B, ...]`, detached); when False nothing is stored. Set
+    `error_quantizer` to round dL/dh of every step in the backward pass (module docstring).
     """
 
     def __init__(
@@ -166,6 +210,7 @@ class LIF(nn.Module):
         self.detach_reset = detach_reset
         self.record_membrane = False
         self.membrane: Tensor | None = None
+        self.error_quantizer: ErrorQuantizer | None = None
 
     def forward(self, x_seq: Tensor) -> Tensor:
         if isinstance(self.surrogate, Surrogate):
@@ -180,6 +225,7 @@ class LIF(nn.Module):
                 self.reset == "subtract",
                 self.detach_reset,
                 self.surrogate,
+                self.error_quantizer,
             )
         else:
             spikes, membrane = multistep_reference(
@@ -190,6 +236,7 @@ class LIF(nn.Module):
                 reset=self.reset,
                 v_init=self.v_init,
                 detach_reset=self.detach_reset,
+                error_quantizer=self.error_quantizer,
             )
         self.membrane = membrane if self.record_membrane else None
         return spikes
