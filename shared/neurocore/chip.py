@@ -46,9 +46,14 @@ class Accountant:
     """Counts and costs every training step of `model` while attached (a context manager).
 
     Call `step()` after each backward; `total` holds the sum of the steps so far. Steps of the
-    same shape share one `StepPlan`, so a step costs only its count-dependent part."""
+    same shape share one `StepPlan`, so a step costs only its count-dependent part. With
+    `train_precision` (the arithmetic the steps ran: float, fp16, int8) the chip is costed at that
+    precision (`ChipConfig.for_training`; `config` then says what it replaced)."""
 
-    def __init__(self, config: ChipConfig, model: nn.Module, time_steps: int | None = None):
+    def __init__(self, config: ChipConfig, model: nn.Module, time_steps: int | None = None,
+                 train_precision: str | None = None):
+        if train_precision is not None:
+            config = config.for_training(train_precision)
         self.config = config
         self.energy_scale = resolve_energy_scale(config)
         self.tracer = Tracer(model, time_steps)

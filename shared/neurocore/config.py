@@ -91,10 +91,15 @@ class PrecisionSpec:
 
 
 PRECISIONS: dict[str, PrecisionSpec] = {
+    "fp32": PrecisionSpec(32, 32, 32, "fp32_mul", "fp32_add"),
     "fp16": PrecisionSpec(16, 16, 16, "fp16_mul", "fp16_add"),
     "int8": PrecisionSpec(8, 16, 8, "int8_mul", "int16_add"),
     "int4": PrecisionSpec(4, 8, 8, "int4_mul", "int8_add"),
 }
+
+# The engines' arithmetic for a client step trained with run-config `train-precision`
+# (`shared.quant.integer_training`): float32 errors and gradients run on fp32 engines.
+TRAIN_ARITHMETIC: dict[str, str] = {"float": "fp32", "fp16": "fp16", "int8": "int8"}
 
 # Energy-related fields, their default and where the default comes from.
 FIELD_SOURCES: dict[str, str] = {
@@ -126,7 +131,12 @@ class ChipConfig(BaseModel):
             accumulators, the rest holds the state saved for the backward pass.
         sram_bank_kb: SRAM bank size, which sets the energy per access.
         dram_gbps, dram_pj_per_bit: off-chip bandwidth (GB/s) and energy.
-        precision: "fp16", "int8" or "int4" (see `PRECISIONS`).
+        precision: "fp32", "fp16", "int8" or "int4" (see `PRECISIONS`): the arithmetic of every
+            engine (FP, BP, WG) and of the vector unit.
+        train_precision: the client's `train-precision` ("float", "fp16", "int8") when this chip
+            accounts a real training step (`for_training`), else None (a modelled step).
+        replaced_precision: the precision the chip (its preset) specified before `for_training`
+            replaced it by the arithmetic the step ran; None when they agreed.
         sparsity_skip: which zeros the engines skip: "none", "input" (zero spikes/activations),
             "output" (zero errors) or "dual" (both).
         membrane: what the forward pass keeps for the surrogate gradient: "store" (potentials at
@@ -156,7 +166,9 @@ class ChipConfig(BaseModel):
     weight_sram_fraction: float = Field(0.5, gt=0, lt=1)
     dram_gbps: float = Field(25.6, gt=0)
     dram_pj_per_bit: float = Field(DRAM_64B.value / 64, gt=0)
-    precision: Literal["fp16", "int8", "int4"] = "fp16"
+    precision: Literal["fp16", "int8", "int4", "fp32"] = "fp16"
+    train_precision: Literal["float", "fp16", "int8"] | None = None
+    replaced_precision: Literal["fp16", "int8", "int4", "fp32"] | None = None
     sparsity_skip: Literal["none", "input", "output", "dual"] = "dual"
     membrane: Literal["store", "mask", "recompute"] = "store"
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -186,6 +198,49 @@ class ChipConfig(BaseModel):
                 f"unknown chip preset {name!r}; choose one of: {', '.join(PRESETS)}"
             ) from None
         return cls(**{**base, **overrides})
+
+    def for_training(self, train_precision: str) -> ChipConfig:
+        """This chip accounting a client step trained with `train_precision` (float, fp16, int8).
+
+        The engines' precision becomes the arithmetic the step ran (`TRAIN_ARITHMETIC`: float ->
+        fp32), so no figure claims arithmetic that did not happen; where that differs from this
+        config's precision, `replaced_precision` keeps the one specified and the report says so.
+        """
+        try:
+            arithmetic = TRAIN_ARITHMETIC[train_precision]
+        except KeyError:
+            raise ChipConfigError(
+                f"chip config: train_precision={train_precision!r} is not allowed: choose one of "
+                f"{', '.join(TRAIN_ARITHMETIC)}"
+            ) from None
+        replaced = self.replaced_precision
+        if arithmetic != self.precision:
+            replaced = replaced or self.precision
+        elif replaced == arithmetic:
+            replaced = None
+        return self.replace(precision=arithmetic, train_precision=train_precision,
+                            replaced_precision=replaced)
+
+    def precision_notes(self) -> list[str]:
+        """What the report says about the arithmetic its figures describe (one line each)."""
+        if self.train_precision is None:
+            return [f"Engines modelled at {self.precision}; the counts come from the traced step "
+                    "(computed in float32 unless the caller trained otherwise)."]
+        notes = [f"FP, BP and WG costed at {self.precision}: the arithmetic of the client's step "
+                 f"(train-precision={self.train_precision}; errors and weight gradients "
+                 f"{'float32' if self.train_precision == 'float' else self.train_precision})."]
+        if self.replaced_precision is not None:
+            notes.append(
+                f"The chip preset specifies {self.replaced_precision} engines, but the client "
+                f"trained with train-precision={self.train_precision}: every figure here is "
+                f"costed at {self.precision} instead, no {self.replaced_precision} arithmetic is "
+                f"claimed (set train-precision to match the preset to train as the chip computes)."
+            )
+        if self.train_precision != "float":
+            notes.append("The training forward's BatchNorm (batch statistics) and membrane "
+                         "updates ran in float32; FP synaptic ops on integer weight codes and "
+                         "spikes are exact at any precision.")
+        return notes
 
     def replace(self, **changes: Any) -> ChipConfig:
         """A copy with `changes`. Only fields set explicitly are carried over, so a config left to

@@ -60,6 +60,7 @@ class Report:
             f"counted once, at time step 0: {', '.join(once) if once else 'none in this step'}.",
             "Residual additions outside modules are not counted; static power is not modelled.",
         ]
+        notes.extend(config.precision_notes())
         if config.membrane == "mask":
             notes.append("membrane='mask' keeps 1 bit per neuron and step: exact for a rectangle "
                          "surrogate, an approximate gradient for the others.")
@@ -69,6 +70,9 @@ class Report:
             "time_steps": counts.time_steps,
             "input": "event frames [T, B, ...]" if counts.event_input else "direct coding",
             "counted_once": once,
+            "precision": config.precision,
+            "train_precision": config.train_precision,
+            "replaced_precision": config.replaced_precision,
             "notes": notes,
         }
         return cls(
