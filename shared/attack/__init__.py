@@ -10,7 +10,8 @@ neuron constants but not the training surrogate.
   swapped into the victim only for the attack (`gradient_estimator`).
 - `gradient`: FGSM and PGD (L-inf) on the time-averaged logits.
 - `sparse`: SDA on binary event frames and the plain top-k gradient baseline.
-- `metrics`: success rate over correctly classified inputs, L0, budgets, passes.
+- `metrics`: success rate over correctly classified inputs, L0, budgets, passes; the attack
+  rows of `spikefed-evaluate` (`AttackSummary.as_row`).
 
 Every bad argument raises `AttackError` (a `ValueError`) with a one-line message.
 """
@@ -18,7 +19,14 @@ Every bad argument raises `AttackError` (a `ValueError`) with a one-line message
 from .errors import AttackError
 from .estimators import ESTIMATORS, PDSG, get_estimator, gradient_estimator
 from .gradient import fgsm, pgd
-from .metrics import AttackSummary, gradient_attack_success, summarize_sparse
+from .metrics import (
+    AttackSummary,
+    correctly_classified,
+    fooled,
+    gradient_attack_success,
+    summarize,
+    summarize_sparse,
+)
 from .sparse import SparseResult, margin, sda, topk_baseline
 
 __all__ = [
@@ -27,13 +35,16 @@ __all__ = [
     "AttackError",
     "AttackSummary",
     "SparseResult",
+    "correctly_classified",
     "fgsm",
+    "fooled",
     "get_estimator",
     "gradient_attack_success",
     "gradient_estimator",
     "margin",
     "pgd",
     "sda",
+    "summarize",
     "summarize_sparse",
     "topk_baseline",
 ]
