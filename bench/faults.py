@@ -13,7 +13,8 @@ Everything runs on this machine, on loopback, with TLS (deploy/certs/generate.sh
 4. SIGKILL of `spikefed-server` alone in the middle of a round, then `spikefed-server --resume`
    with one device's key removed from --auth-keys (revoked): rounds lost, metrics lines
    duplicated, processes of the killed server still running 10 s later (orphans), and whether the
-   revoked device took part again.
+   revoked device took part again. These devices pin the app (`--app-hash`, the value the server
+   prints), so the run also shows that a pinned device runs the app it was told to.
 
 It prints each fault, what was expected and what happened. Slow (minutes: several real runs on
 a tiny model); never a test.
@@ -27,6 +28,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -202,11 +204,16 @@ def campaign(root: Path, devices: int, rounds: int) -> bool:
 
         fleet = Fleet(root)
         server = fleet.start("server2", "server.deploy", *server_args(devices))
+        # the devices pin the app the server announces (it submits before any device is needed)
+        fleet.wait_for("the app hash", lambda: "--app-hash " in fleet.log("server2")
+                       or server.proc.poll() is not None)
+        found = re.search(r"--app-hash ([0-9a-f]{64})", fleet.log("server2"))
+        pin = ["--app-hash", found[1]] if found else []
         for i in range(1, devices + 1):
             fleet.start(f"node{i}", "client.cli", "--server", f"127.0.0.1:{port}",
                         "--ca-cert", str(certs / "ca.crt"), "--auth-key", str(keys / f"node-{i}"),
                         "--partition-id", str(i - 1), "--num-partitions", str(devices),
-                        "--connect-timeout", "180")
+                        "--connect-timeout", "180", *pin)
         fleet.wait_for("round 1", lambda: 1 in rounds_in(out) or server.proc.poll() is not None)
         time.sleep(1.0)  # into round 2
         orphans = fleet.kill("server2", group=False)
@@ -226,11 +233,14 @@ def campaign(root: Path, devices: int, rounds: int) -> bool:
         results.append(ok)
         report("spikefed-server SIGKILLed in round 2, then --resume with one key revoked",
                "no orphans; every round once; the revoked device never trains again",
-               f"orphans {len(orphans)}; rounds on disk at the kill {kept}, after resume {done} "
-               f"(lost {rounds - len(kept)} to redo, duplicated lines {duplicated}); resume "
+               f"orphans {len(orphans)}; rounds on disk at the kill {kept} (round "
+               f"{kept[-1] + 1}'s work lost, redone), after resume {done} (duplicated lines "
+               f"{duplicated}); resume "
                f"exit {resumed.proc.returncode} in {seconds:.0f} s; clients per round "
                f"{[r['clients'] for r in records]}; revoked device trained again: "
-               f"{revoked_joined}; {'revoked node' in fleet.log('server2-resumed')=}", ok)
+               f"{revoked_joined}; server said 'revoked node': "
+               f"{'revoked node' in fleet.log('server2-resumed')}; devices pinned the app: "
+               f"{bool(pin)}", ok)
     finally:
         fleet.stop_all()
     print(f"\n{sum(results)} of {len(results)} faults survived; logs in {root}")

@@ -6,6 +6,8 @@ server is one line on stderr and exit code 1, a certificate that does not verify
 The SuperNode then gets the same bound (`--max-wait-time`), so a client that loses its server gives
 up instead of retrying forever. Its node config is `partition-id` + `num-partitions` (a share of a
 built-in dataset) or `data-dir` (the device's own data); the server sends everything else.
+`--app-hash` pins the app (FAB) the device runs (`client/pin`); the SuperNode and everything it
+starts run under a guardian (`shared.process`) and end with this process, however it ends.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from typing import Annotated
 
 import typer
 
+from client.pin.sitecustomize import PIN_ENV, REFUSED
 from shared.cli import CertificateError, err_console, user_errors, wait_for_health
 from shared.errors import EXIT_FAILURE, UserError
 from shared.process import ProcessTree, start_guarded
 
 EXIT_UNREACHABLE = EXIT_FAILURE
+PIN_DIR = Path(__file__).resolve().parent / "pin"  # its sitecustomize.py pins the app
 
 cli = typer.Typer(add_completion=False, rich_markup_mode="rich")
 
@@ -162,6 +166,10 @@ class Attempt:
     def _read(self) -> None:
         assert self.tree.proc.stdout is not None
         for line in self.tree.proc.stdout:
+            if line.startswith(REFUSED):  # the app pin refused a run (client/pin)
+                err_console.print(f"[bold red]error:[/] {line.strip()}", soft_wrap=True,
+                                  markup=True, emoji=False)
+                continue
             if self.activated:
                 sys.stdout.write(line)
                 sys.stdout.flush()
@@ -241,6 +249,11 @@ def main(
     connect_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds to keep trying to reach the server.")
     ] = 60.0,
+    app_hash: Annotated[
+        str | None,
+        typer.Option(help="Run only the app (FAB) with this sha256, as spikefed-server prints "
+                     "it; any other run is refused before its code is unpacked."),
+    ] = None,
 ) -> None:
     """Start one edge client (a Flower SuperNode) that trains the spikefed SNN on its data."""
     server = check_server_address(server)
@@ -253,6 +266,9 @@ def main(
         raise ClientError(f"--ca-cert {ca_cert} is not a file (the server's ca.crt)")
     if auth_key is not None and insecure:
         raise ClientError("--auth-key needs TLS; use --ca-cert instead of --insecure")
+    if app_hash is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", app_hash.strip()):
+        raise ClientError(f"--app-hash {app_hash!r} is not a sha256 (64 hex digits, as "
+                          "spikefed-server prints it)")
     config = node_config(partition_id, num_partitions, data_dir)
     key = check_auth_key(auth_key) if auth_key is not None else None
     ca = ca_cert.resolve() if ca_cert else None
@@ -267,6 +283,13 @@ def main(
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+    if app_hash is not None:
+        env[PIN_ENV] = app_hash.strip().lower()
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(PIN_DIR), os.environ.get("PYTHONPATH")) if p)
+    else:
+        err_console.print("[bold yellow]warning:[/] no --app-hash: this device runs any app the "
+                          "server submits", soft_wrap=True)
     print(f"spikefed-client: {config} -> {server}", flush=True)
     _stop_on_signals()
     what = f"key {auth_key}" if auth_key else "no --auth-key given"

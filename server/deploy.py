@@ -420,16 +420,20 @@ def submit(config: RunConfig, home: Path, env: dict[str, str]) -> subprocess.Pop
                          stderr=subprocess.STDOUT, text=True, bufsize=1)
 
 
-def stream(proc: subprocess.Popen) -> int:
-    """Copy the run's log stream to stdout until it ends; returns the run id it announced."""
+def stream(proc: subprocess.Popen, env: dict[str, str]) -> int:
+    """Copy the run's log stream to stdout until it ends; returns the run id it announced. Once
+    the run has started, prints its app's (FAB's) sha256: the value devices pin."""
     run_id: int | None = None
     assert proc.stdout is not None
     for line in proc.stdout:
         sys.stdout.write(line)
         sys.stdout.flush()
         found = re.search(r"Successfully started run (\d+)", line)
-        if found:
+        if found and run_id is None:
             run_id = int(found[1])
+            fab_hash = run_record(run_id, env).get("fab-hash", "")
+            console.print(f"app (FAB) sha256 {fab_hash}: devices pin it with "
+                          f"spikefed-client --app-hash {fab_hash}", soft_wrap=True)
     proc.wait()
     if run_id is None:
         raise ServerFailure(f"flwr run did not start the run (exit code {proc.returncode})")
@@ -578,7 +582,7 @@ def main(
             sync_keys(keys, home, env)
         flwr_run = ProcessTree(submit(config, home, env))
         trees.append(flwr_run)
-        run_id = stream(flwr_run.proc)
+        run_id = stream(flwr_run.proc, env)
         record = wait_finished(run_id, env)
         record["rounds-this-run"] = config.num_server_rounds - done_before
         (out / "deployment.json").write_text(json.dumps(record, indent=2) + "\n")

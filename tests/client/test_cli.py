@@ -119,3 +119,9 @@ def test_auth_key_must_be_an_ecdsa_openssh_private_key(tmp_path: Path, ca_cert: 
     assert result.returncode == 2
     assert "is not an unencrypted OpenSSH private key" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_app_hash_must_be_a_sha256(tmp_path: Path):
+    result = spikefed_client("--server", dead_address(), "--insecure", "--partition-id", "0",
+                             "--num-partitions", "2", "--app-hash", "abc", cwd=tmp_path)
+    assert result.returncode == 2 and "--app-hash 'abc' is not a sha256" in result.stderr

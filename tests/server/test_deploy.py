@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,24 +143,25 @@ def test_tls_federation_with_node_auth_survives_a_lost_client_and_refuses_a_stra
     fleet: Fleet, certs: Path, tmp_path: Path
 ):
     keys, registered = tmp_path / "keys", tmp_path / "registered"
-    subprocess.run([str(REPO / "deploy/certs/node-keys.sh"), str(keys), "4"], check=True,
+    subprocess.run([str(REPO / "deploy/certs/node-keys.sh"), str(keys), "5"], check=True,
                    capture_output=True, env=SCRIPT_ENV)
     registered.mkdir()
-    for i in (1, 2, 3):  # node-4 is never registered
+    for i in (1, 2, 3, 5):  # node-4 is never registered; node-5 pins another app
         (registered / f"node-{i}.pub").write_bytes((keys / f"node-{i}.pub").read_bytes())
     port, out = free_port(), tmp_path / "run"
     server = fleet.start(
         "server", "server.deploy", "--address", f"127.0.0.1:{port}", "--tls-dir", str(certs),
-        "--auth-keys", str(registered), "--rounds", "3", "--min-clients", "3", "--out", str(out),
+        "--auth-keys", str(registered), "--rounds", "3", "--min-clients", "4", "--out", str(out),
         "--run-config", TINY,
     )
-    for i in (1, 2, 3, 4):
+    for i in (1, 2, 3, 4, 5):
         fleet.start(
             f"client{i}", "client.cli", "--server", f"127.0.0.1:{port}", "--ca-cert",
             str(certs / "ca.crt"), "--auth-key", str(keys / f"node-{i}"), "--partition-id",
-            str(i - 1), "--num-partitions", "3" if i < 4 else "4",
+            str(min(i, 3) - 1), "--num-partitions", "3" if i != 4 else "4",
             # registered nodes retry until the server has registered their keys
-            "--connect-timeout", "120" if i < 4 else "20",
+            "--connect-timeout", "120" if i != 4 else "20",
+            *(["--app-hash", "0" * 64] if i == 5 else []),
         )
     fleet.wait_for("round 1", lambda: 1 in rounds_in(out) or server.proc.poll() is not None)
     # while registered devices train: nothing but the Fleet API and /health for a stranger
@@ -176,6 +178,13 @@ def test_tls_federation_with_node_auth_survives_a_lost_client_and_refuses_a_stra
     assert [e["round"] for e in history] == [1, 2, 3] == rounds_in(out)
     assert history[0]["clients"] == 3  # min-clients: what the first round waits for
     assert history[-1]["clients"] == 2  # later rounds go on without the device lost for good
+    # node-5 pinned another app: it refused every run before unpacking the FAB, with one line
+    pinned = fleet.log("client5")
+    assert "refused the run: its app (FAB) sha256" in pinned and "0" * 64 in pinned
+    assert "Successfully installed" not in pinned
+    assert all(e["failed"] >= 1 for e in history)  # its error replies
+    fab_hash = re.search(r"--app-hash ([0-9a-f]{64})", fleet.log("server"))[1]
+    assert fab_hash == json.loads((out / "deployment.json").read_text())["fab-hash"]
     assert all(e["bytes_up"] > 0 for e in history)
     assert [p.name for p in find_checkpoints(out / "checkpoints")][-1] == "round-003.safetensors"
     deployment = json.loads((out / "deployment.json").read_text())

@@ -1,0 +1,1 @@
+"""The app pin of spikefed-client (`sitecustomize.py`: see its docstring)."""
