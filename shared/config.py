@@ -112,6 +112,11 @@ class RunConfig(BaseModel):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds every random choice of the run")
     # the simulated neuromorphic chip that accounts every local training step (shared.neurocore)
     chip: str = Field("edge-int8", description="chip preset (shared.neurocore.PRESETS) or none")
+    # the arithmetic of the clients' backward pass and update (shared.quant.integer_training)
+    train_precision: Literal["auto", "float", "fp16", "int8"] = Field(
+        "auto", description="errors, weight gradients and weights in float32, fp16 or int8 "
+        "(power-of-two scales, stochastic rounding); auto = the chip preset's precision "
+        "(int8 for edge-int8, fp16 for paper-28nm-fp16, float without a chip)")
     # outputs
     out_dir: str = "runs/default"
     # the ServerApp's Prometheus endpoint (server.metrics); port 0 turns it off
@@ -182,6 +187,18 @@ class RunConfig(BaseModel):
                 f"run config: {key}={bad!r} is not allowed: {first['msg']} "
                 f"(fix it with --run-config \"{key}=...\")"
             ) from None
+
+    def resolved_train_precision(self) -> str:
+        """`train-precision` with `auto` resolved: what the chip preset computes (int8 and int4
+        presets train int8, fp16 presets fp16), float when `chip` is none."""
+        if self.train_precision != "auto":
+            return self.train_precision
+        if self.chip == "none":
+            return "float"
+        from shared.neurocore import PRESETS
+
+        precision = PRESETS[self.chip].get("precision", "fp16")
+        return {"fp32": "float", "fp16": "fp16"}.get(precision, "int8")
 
     def to_flwr(self) -> dict[str, Any]:
         """The flat kebab-case mapping Flower's ConfigRecord and run config carry."""
