@@ -101,6 +101,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=node_seed,
         proximal_mu=config.proximal_mu if config.strategy == "fedprox" else 0.0,
         chip=chip,
+        train_precision=config.resolved_train_precision(),
     )
     density = result.spike_density  # over this round's training steps
     if density is None:  # no chip accounting: measure the trained model instead

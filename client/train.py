@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 
 from shared.convert import param_groups
 from shared.neurocore import Accountant, ChipConfig
+from shared.quant.integer_training import TrainPrecision
 from shared.snn import model_layout
 
 
@@ -50,13 +51,18 @@ def train_local(
     seed: int,
     proximal_mu: float = 0.0,
     chip: ChipConfig | None = None,
+    train_precision: str = "float",
 ) -> TrainResult:
     """Train `model` in place for `epochs` over `data` (shuffled by `seed`).
 
     With `proximal_mu > 0` the FedProx term mu/2 * ||w - w_global||^2 is added to the loss, w_global
     being the weights the model had on entry (the global model it was sent). With a `chip`, every
     step is counted from its own tensors and costed on that neuromorphic chip (`shared.neurocore`;
-    no extra forward or backward pass).
+    no extra forward or backward pass). `train_precision` ("float", "fp16", "int8") is the
+    arithmetic of the backward pass and the update (`shared.quant.integer_training`): int8 rounds
+    every error and weight gradient to int8 codes with power-of-two scales and stochastic rounding
+    (seeded by `seed`) and keeps the weights as int8 codes; the chip accounts the steps at that
+    precision (`ChipConfig.for_training`: a preset that specifies another says so in its report).
     """
     x_all, y_all = data.tensors
     n = len(y_all)
@@ -68,8 +74,11 @@ def train_local(
     model.train()
     start = time.perf_counter()
     loss_sum, correct = 0.0, 0
-    accountant = Accountant(chip, model) if chip is not None else None
-    with accountant or nullcontext():
+    accountant = (Accountant(chip, model, train_precision=train_precision)
+                  if chip is not None else None)
+    # entered after the accountant, so the chip's counters see the rounded errors
+    rounding = TrainPrecision(train_precision, model, seed=seed)
+    with accountant or nullcontext(), rounding:
         for _ in range(epochs):
             loss_sum, correct = 0.0, 0
             order = torch.randperm(n, generator=generator)
@@ -86,7 +95,9 @@ def train_local(
                     loss = loss + proximal_mu / 2 * prox
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                rounding.after_backward()
                 opt.step()
+                rounding.after_step()
                 if accountant is not None:
                     accountant.step()
                 loss_sum += loss.item() * len(idx)
