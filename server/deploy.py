@@ -538,8 +538,7 @@ def main(
                         "checkout or an editable install (pip install -e .)")
     if insecure:
         err_console.print("[bold yellow]warning:[/] --insecure: the devices' address serves plain "
-                          "HTTP; "
-                          "updates and node traffic are not encrypted", soft_wrap=True)
+                          "HTTP; updates and node traffic are not encrypted", soft_wrap=True)
 
     home = out / "superlink"
     home.mkdir(parents=True, exist_ok=True)
