@@ -7,7 +7,9 @@ Weights are symmetric, narrow range and per output channel:
     w_int = clamp(round(w / 2**e_c), -q, q)  w_hat = w_int * 2**e_c
 
 Training keeps float shadow weights `w` and uses `w_hat` in the forward; rounding passes the
-gradient straight through (STE), so d w_hat / d w = 1.
+gradient straight through (STE), so d w_hat / d w = 1. With train-precision int8 the shadow weights
+are themselves int8 codes times a power-of-two scale per channel, updated with stochastic rounding
+(`shared.quant.integer_training`); `w_hat` is derived from them the same way.
 
 The integer neuron is the spiking neuron on integer membrane potentials (in units of one
 membrane LSB): with current I[t], threshold Theta and leak shift k (LIF decay 1 - 2**-k),

@@ -147,8 +147,23 @@ class TrainPrecision:
             return e
         if self.precision == "fp16":
             return e.copy_(e.half())
-        codes, k = quantize_sr(e, 8, generator=self.generator)
-        return e.copy_(codes).mul_(torch.exp2(k))
+        return self._int8_(e, e)
+
+    def round_error(self, e: Tensor) -> Tensor:
+        """`round_error_` into a new tensor (`e` is left as it is)."""
+        if not self.quantize or self.precision == "float":
+            return e.clone()
+        if self.precision == "fp16":
+            return e.half().to(e.dtype)
+        return self._int8_(e, None)
+
+    def _int8_(self, e: Tensor, out: Tensor | None) -> Tensor:
+        """SR int8 codes of `e` times their scale, written into `out` (None: a new tensor)."""
+        lo, hi = torch.aminmax(e)
+        k = pow2_exponent(torch.maximum(-lo, hi), INT8_MAX)
+        y = e.mul_(torch.exp2(-k)) if out is not None else e * torch.exp2(-k)
+        stochastic_round_(y, self.generator).clamp_(-INT8_MAX, INT8_MAX)
+        return y.mul_(torch.exp2(k))
 
     def _round_grad(self, g: Tensor) -> Tensor:
         if self.precision == "fp16":
@@ -233,4 +248,4 @@ class _RoundError(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return ctx.rounding.round_error_(grad.clone()), None
+        return ctx.rounding.round_error(grad), None

@@ -6,7 +6,9 @@ state dict of a float model loads into its quantized twin and back.
 
 - Training mode: float shadow weights, fake-quantized weights and 8-bit input pixels with
   straight-through gradients, BatchNorm on batch statistics, float LIF dynamics with the leak
-  decay 1 - 2**-k. All parameters and BN statistics stay float, so a federation averages floats.
+  decay 1 - 2**-k. All parameters and BN statistics stay float, so a federation averages floats
+  (with train-precision int8, `shared.quant.integer_training`, each client's shadow weights are
+  int8 codes times powers of two, still float tensors; the average is re-rounded on arrival).
 - Eval mode: the integer computation, carried out on float tensors holding integers. Every
   spiking stage (synapse -> BN -> neuron) is folded (`fold_spiking`) into
 
