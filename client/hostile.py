@@ -4,7 +4,7 @@ the global model (`server.validation`).
 
 For testing the server only. Nodes with partition-id < `nodes` (`hostile_app(nodes)`; the module's
 `app` has one such node, partition 0) train honestly, then rewrite their reply by one of `SHAPES`,
-the next one each round (shape (round + partition-id) mod len(SHAPES)): every record-kind swap,
+the next ones each round (`shape_for`): every record-kind swap,
 missing, extra and duplicated records and keys, wrong dtypes and shapes, empty and oversized
 arrays, NaN / inf / huge / negative values, lists where scalars belong, forged npy headers, and
 example counts that try to buy weight. Their evaluate replies go through `EVALUATE_SHAPES` the
@@ -18,6 +18,7 @@ same way. Every other node stays honest.
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,6 +40,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from client import app as honest
 from shared import reply
 
+log = logging.getLogger("spikefed")
 Pick = Callable[[Sequence[Any]], Any]
 Shape = Callable[[RecordDict, int], None]
 
@@ -282,10 +284,11 @@ EVALUATE_SHAPES: dict[str, Shape] = {
 }
 
 
-def shape_for(shapes: dict[str, Shape], server_round: int, partition_id: int) -> str:
-    """The shape a hostile node sends in `server_round`: the next one each round."""
+def shape_for(shapes: dict[str, Shape], server_round: int, partition_id: int, nodes: int) -> str:
+    """The shape hostile node `partition_id` (of `nodes`) sends in `server_round` (from 1): the
+    nodes take consecutive shapes, so R rounds cover R x nodes of them."""
     names = list(shapes)
-    return names[(server_round + partition_id) % len(names)]
+    return names[((server_round - 1) * nodes + partition_id) % len(names)]
 
 
 def hostile_app(nodes: int = 1) -> ClientApp:
@@ -301,8 +304,9 @@ def hostile_app(nodes: int = 1) -> ClientApp:
         bits = int(config.get("update-bits", reply.FULL_PRECISION))
         train = msg.metadata.message_type == MessageType.TRAIN
         shapes = SHAPES if train else EVALUATE_SHAPES
-        name = shape_for(shapes, server_round, partition_id)
+        name = shape_for(shapes, server_round, partition_id, nodes)
         shapes[name](answer.content, bits)
+        log.info("hostile node %d, round %d: sends %s", partition_id, server_round, name)
         return answer
 
     app = ClientApp(mods=[hostile_mod])
