@@ -300,7 +300,7 @@ def final_evaluation(checkpoint: Path, out: Path, config: RunConfig) -> dict[str
         task = progress.add_task("starting", total=None)
         result = evaluate.evaluate_checkpoint(
             checkpoint, options, on_stage=lambda s: progress.update(task, description=s))
-    for table in evaluate.result_tables(result):
+    for table in evaluate.console_tables(result):
         console.print(table)
     evaluate.write_json(result, out / "evaluation.json")
     report = evaluate.write_report(result, out / "report.md")

@@ -1,60 +1,21 @@
-"""spikefed-evaluate: the pipeline on a small trained checkpoint, and its one-line user errors."""
+"""shared.evaluate.pipeline: the whole evaluation on small trained checkpoints."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from shared.checkpoint import metadata_path, save_checkpoint
-from shared.config import RunConfig
+from shared.checkpoint import save_checkpoint
 from shared.data import load_dataset
-from shared.evaluate import (
-    EvalOptions,
-    EvaluateError,
-    evaluate_checkpoint,
-    evaluate_model,
-    integer_check,
-    light_options,
-    load_global_model,
-    parse_eps,
-    parse_time_steps,
-    write_json,
-    write_report,
-)
-from shared.rebuild import build_from_spec
-from shared.snn import federated_state, model_layout
+from shared.evaluate import EvalOptions, evaluate_checkpoint, write_json, write_report
+from shared.evaluate.pipeline import integer_check, run_attacks
+from shared.rebuild import converted_metadata, load_global_model
+from shared.snn.inference import evaluate_model
 
 SPEC_KEYS = {"accuracy", "integer", "conversion", "attacks", "neurocore"}
-
-
-def _train_checkpoint(path, *, weight_bits: int = 4, steps: int = 60, dataset: str = "digits",
-                      train_mode: str = "snn"):
-    """A csnn trained for a few dozen steps (far above chance), saved as the server does."""
-    config = RunConfig.parse({"dataset": dataset, "weight-bits": weight_bits, "time-steps": 2,
-                              "train-mode": train_mode})
-    spec = config.model_spec()
-    torch.manual_seed(0)
-    model = build_from_spec(spec).train()
-    x, y = load_dataset(dataset, "train").tensors
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for step in range(steps):
-        idx = torch.randint(0, len(y), (64,), generator=torch.Generator().manual_seed(step))
-        opt.zero_grad()
-        F.cross_entropy(model(model_layout(x[idx])), y[idx]).backward()
-        opt.step()
-    return save_checkpoint(path, federated_state(model), {
-        "round": 1, "model": spec, "dataset": dataset, "config": config.to_flwr()})
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return _train_checkpoint(tmp_path_factory.mktemp("ckpt") / "round-001.safetensors")
+ROW_KEYS = {"name", "eps", "success_rate", "mean_l0", "median_l0", "samples"}
 
 
 def test_pipeline_reports_every_spec_key(checkpoint, tmp_path):
@@ -75,6 +36,8 @@ def test_pipeline_reports_every_spec_key(checkpoint, tmp_path):
     assert names == {(n, e) for n in ("pgd-pdsg", "pgd-atan") for e in options.eps}
     for row in result["attacks"]:
         assert 0.0 <= row["success_rate"] <= 1.0 and row["samples"] > 0
+        assert ROW_KEYS | {"attempted"} == row.keys() and row["attempted"] == 40
+        assert row["mean_l0"] is None  # L0 is the figure of sparse attacks only
     big = {r["name"]: r["success_rate"] for r in result["attacks"] if r["eps"] == 32 / 255}
     assert big["pgd-pdsg"] > 0  # a 32/255 L-inf ball fools a 4-step digits net on some inputs
     assert [s["name"] for s in result["skipped_attacks"]] == ["sda"]  # images, not events
@@ -93,8 +56,8 @@ def test_pipeline_reports_every_spec_key(checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_event_model_gets_sparse_attacks_and_its_own_time_steps(tmp_path):
-    path = _train_checkpoint(tmp_path / "round-001.safetensors", dataset="dvs-digits", steps=30)
+def test_event_model_gets_sparse_attacks_and_its_own_time_steps(train_checkpoint, tmp_path):
+    path = train_checkpoint(tmp_path / "round-001.safetensors", dataset="dvs-digits", steps=30)
     options = EvalOptions(time_steps=(2, 8), attacks=("sda", "topk", "pgd-pdsg"), samples=6,
                           exact_samples=10)
     result = evaluate_checkpoint(path, options)
@@ -106,16 +69,17 @@ def test_event_model_gets_sparse_attacks_and_its_own_time_steps(tmp_path):
     assert set(rows) == {"sda", "topk"} and rows["sda"]["eps"] is None
     for row in rows.values():
         assert 0.0 <= row["success_rate"] <= 1.0 and row["samples"] > 0
+        assert row.keys() == ROW_KEYS | {"attempted", "median_l0_percent", "passes_per_sample"}
         if row["mean_l0"] is not None:
             assert row["median_l0"] >= 1 and row["passes_per_sample"] > 0
     assert [s["name"] for s in result["skipped_attacks"]] == ["pgd-pdsg"]
 
 
-def test_qann_checkpoint_gets_a_conversion_sweep_and_its_snn_is_evaluable(tmp_path):
+def test_qann_checkpoint_gets_a_conversion_sweep_and_its_snn_is_evaluable(train_checkpoint,
+                                                                          tmp_path):
     from shared.convert import dual_phase_convert
-    from shared.rebuild import converted_metadata
 
-    path = _train_checkpoint(tmp_path / "round-001.safetensors", train_mode="qann", steps=40)
+    path = train_checkpoint(tmp_path / "round-001.safetensors", train_mode="qann", steps=40)
     options = EvalOptions(time_steps=(1, 2), attacks=("pgd-pdsg",), eps=(16 / 255,),
                           samples=20)
     result = evaluate_checkpoint(path, options)
@@ -144,8 +108,6 @@ def test_qann_checkpoint_gets_a_conversion_sweep_and_its_snn_is_evaluable(tmp_pa
 def test_attacks_leave_the_model_unchanged(checkpoint):
     gm = load_global_model(checkpoint)
     before = {k: v.clone() for k, v in gm.model.state_dict().items()}
-    from shared.evaluate import run_attacks
-
     test = load_dataset("digits", "test")
     run_attacks(gm, test, EvalOptions(attacks=("fgsm-pdsg",), eps=(16 / 255,), samples=20))
     after = gm.model.state_dict()
@@ -153,8 +115,8 @@ def test_attacks_leave_the_model_unchanged(checkpoint):
     assert not gm.model.training
 
 
-def test_float_model_has_no_integer_engine(tmp_path):
-    path = _train_checkpoint(tmp_path / "round-001.safetensors", weight_bits=32, steps=5)
+def test_float_model_has_no_integer_engine(train_checkpoint, tmp_path):
+    path = train_checkpoint(tmp_path / "round-001.safetensors", weight_bits=32, steps=5)
     gm = load_global_model(path)
     out = integer_check(gm, load_dataset("digits", "test"), load_dataset("digits", "train"), 100)
     assert out["samples"] == 0 and out["bit_exact"] is None and "weight-bits=32" in out["note"]
@@ -165,81 +127,3 @@ def test_run_directory_resolves_to_its_newest_checkpoint(checkpoint):
     assert gm.path == checkpoint
     _, accuracy = evaluate_model(gm.model, load_dataset("digits", "test"))
     assert accuracy > 0.5
-
-
-def test_light_set_picks_the_attacks_that_apply():
-    assert light_options("mnist-subset").attacks == ("pgd-pdsg", "pgd-atan")
-    assert light_options("dvs-digits", seed=3).attacks == ("sda",)
-    assert light_options("digits", seed=3).seed == 3
-
-
-@pytest.mark.parametrize(("text", "expected"), [("8/255,16/255", (8 / 255, 16 / 255)),
-                                                ("0.1", (0.1,)), ("0", (0.0,))])
-def test_eps_parses_fractions(text, expected):
-    assert parse_eps(text) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize("text", ["-1/255", "2", "abc", "1/0", ""])
-def test_bad_eps_is_refused(text):
-    with pytest.raises(EvaluateError):
-        parse_eps(text)
-
-
-@pytest.mark.parametrize("text", ["0", "1,x", "", "-2"])
-def test_bad_time_steps_are_refused(text):
-    with pytest.raises(EvaluateError):
-        parse_time_steps(text)
-
-
-def _evaluate_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.evaluate", *args], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
-
-
-def _copy(checkpoint, tmp_path):
-    dst = tmp_path / "round-001.safetensors"
-    dst.write_bytes(checkpoint.read_bytes())
-    metadata_path(dst).write_text(metadata_path(checkpoint).read_text())
-    return dst
-
-
-def _truncate(path):
-    path.write_bytes(path.read_bytes()[:-100])
-
-
-def _tamper(path):
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def _unknown_model(path):
-    meta = json.loads(metadata_path(path).read_text())
-    meta["model"]["name"] = "vgg-99"
-    metadata_path(path).write_text(json.dumps(meta))
-
-
-@pytest.mark.parametrize(
-    ("damage", "needle"),
-    [(_truncate, "corrupt"), (_tamper, "corrupt"), (_unknown_model, "unknown model 'vgg-99'"),
-     (lambda p: p.unlink(), "does not exist")],
-)
-def test_bad_checkpoint_is_one_line_exit_2(checkpoint, tmp_path, damage, needle):
-    path = _copy(checkpoint, tmp_path)
-    damage(path)
-    result = _evaluate_cli(str(path))
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert needle in result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-
-
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [(["--eps", "-8/255"], "must lie in [0, 1]"), (["--attacks", "pgd-magic"], "unknown attack"),
-     (["--time-steps", "0"], ">= 1"), (["--chip", "gpu9000"], "unknown chip preset")],
-)
-def test_bad_options_are_one_line_exit_2(checkpoint, args, needle):
-    result = _evaluate_cli(str(checkpoint), "--attacks", "pgd-pdsg", *args)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert needle in result.stderr and "Traceback" not in result.stderr
