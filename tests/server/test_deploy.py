@@ -418,3 +418,32 @@ def test_the_wait_for_devices_is_bounded_and_says_how_to_resume():
     assert "--resume" in message and info.value.exit_code == 1
     strategy.min_available_nodes = 2  # what the Federation sets after the first round
     assert len(wait.get_node_ids()) == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP])
+def test_a_guarded_command_ends_with_its_launcher_however_the_launcher_ends(tmp_path: Path, sig):
+    """What the launchers rely on, without Flower: a grandchild in a new session (as SuperExec
+    starts ServerApps and ClientApps) ends within seconds of the launcher's death."""
+    launcher_code = (
+        "import sys, time; from shared.process import start_guarded; "
+        "g = start_guarded(['bash', '-c', 'setsid sleep 301 & sleep 302']); "
+        "print(g.pid, flush=True); time.sleep(120)"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", launcher_code], cwd=REPO,
+                                stdout=subprocess.PIPE, text=True)
+    guardian = int(launcher.stdout.readline())
+    deadline = time.monotonic() + 10
+    while len(descendants(guardian)) < 3 and time.monotonic() < deadline:  # bash, 2 sleeps
+        time.sleep(0.1)
+    below = descendants(guardian)
+    assert len(below) >= 3
+    started = {pid: start_time(pid) for pid in [guardian, *below]}
+    os.kill(launcher.pid, sig)
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    left = list(started)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = [p for p in started if alive(p) and start_time(p) == started[p]]
+    kill_all(left, grace_s=2.0)
+    assert left == []
