@@ -15,6 +15,15 @@ of its QC-ANN at every T >= 2, and at least 20 / 5 points above SpikingJelly's b
 
     python bench/conversion.py [--time-steps 1,2,4,8,16] [--ann-optimizer adam|sgd]
                                [--threads 2] [--json out.json]
+
+Grid mode (issue 22), one run over models x datasets x T x training seeds, every cell the test
+accuracy of the QC-ANN, phase 1 alone, both phases, their gaps and SpikingJelly's best (max /
+99.9 %-norm) on the same ReLU ANN; the summary prints the median and worst gaps and the test-set
+sizes. `mlp-2h` is issue 22's network (ReLU MLP 64-128-64-10 without BN), where phase 2 used to
+lose up to 12 points:
+
+    python bench/conversion.py --grid --models mlp,mlp-2h,csnn,resnet-mini \
+        --datasets digits,mnist-subset --time-steps 1,2,4,8 --seeds 5 [--epochs 10]
 """
 
 from __future__ import annotations
@@ -94,8 +103,102 @@ def spikingjelly_curve(ann: nn.Module, train_set: TensorDataset, test_set: Tenso
     return (correct / len(y_all)).tolist()
 
 
+GRID_MODELS = ("mlp", "mlp-2h", "csnn", "resnet-mini")
+
+
+def grid_ann(name: str, in_channels: int, input_size: int) -> nn.Module:
+    """A zoo ReLU twin, or `mlp-2h`: issue 22's ReLU MLP (input-128-64-10, no BatchNorm)."""
+    if name == "mlp-2h":
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * input_size**2, 128), nn.ReLU(),
+                             nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    return build_ann(name, in_channels=in_channels, num_classes=10, input_size=input_size)
+
+
+def grid(args: argparse.Namespace) -> int:
+    """Every (dataset, model, seed, T) cell; prints them, then the median / worst gaps."""
+    import statistics
+
+    steps = [int(t) for t in args.time_steps.split(",")]
+    models = args.models.split(",")
+    for name in models:
+        if name not in GRID_MODELS:
+            print(f"unknown model {name!r}; choose from {', '.join(GRID_MODELS)}", file=sys.stderr)
+            return 2
+    started = time.perf_counter()
+    cells, rows, sizes = [], [], {}
+    for dataset in args.datasets.split(","):
+        train_set, test_set = load_dataset(dataset, "train"), load_dataset(dataset, "test")
+        sizes[dataset] = len(test_set)
+        _, channels, size, _ = train_set.tensors[0].shape
+        for name in models:
+            for seed in range(args.seeds):
+                tick = time.perf_counter()
+                torch.manual_seed(seed)
+                ann = train(grid_ann(name, channels, size), train_set, args.epochs, 2e-3, seed)
+                ann_acc = evaluate_model(ann, test_set)[1]
+                try:
+                    sj = [max(pair) for pair in zip(*(
+                        spikingjelly_curve(ann, train_set, test_set, mode, max(steps))
+                        for mode in ("max", "99.9%")), strict=True)]
+                except Exception as error:  # noqa: BLE001 - a peer that cannot convert this net
+                    print(f"SpikingJelly failed on {name}: {type(error).__name__}: {error}")
+                    sj = [float("nan")] * max(steps)
+                for t in steps:
+                    torch.manual_seed(seed)
+                    qc_ann = train(to_qc_ann(ann, t), train_set, args.qc_epochs, 1e-3, seed + t)
+                    qc_acc = evaluate_model(qc_ann, test_set)[1]
+                    phase1 = evaluate_model(convert(qc_ann, t).eval(), test_set)[1]
+                    snn, report = dual_phase_convert(qc_ann, train_set, t, stages=False,
+                                                     epochs=args.calib_epochs, seed=seed)
+                    both = evaluate_model(snn, test_set)[1]
+                    cell = {"dataset": dataset, "model": name, "seed": seed, "time_steps": t,
+                            "relu_ann": ann_acc, "qc_ann": qc_acc, "phase1": phase1,
+                            "both": both, "spikingjelly_best": sj[t - 1],
+                            "reverted": report.reverted}
+                    cells.append(cell)
+                    rows.append([dataset, name, str(seed), str(t), f"{qc_acc:.2%}",
+                                 f"{phase1:.2%}", f"{both:.2%}",
+                                 f"{(phase1 - qc_acc) * 100:+.2f}",
+                                 f"{(both - qc_acc) * 100:+.2f}",
+                                 f"{(both - phase1) * 100:+.2f}", f"{sj[t - 1]:.2%}"])
+                    print(" ".join(rows[-1]), flush=True)
+                print(f"{dataset} {name} seed {seed}: ReLU ANN {ann_acc:.2%}, "
+                      f"{time.perf_counter() - tick:.0f}s", flush=True)
+    print_table("conversion grid: test accuracy",
+                ["dataset", "model", "seed", "T", "QC-ANN", "phase 1", "both", "p1 - QC (pt)",
+                 "both - QC (pt)", "both - p1 (pt)", "SJ best"], rows)
+    gaps = [(c["both"] - c["qc_ann"]) * 100 for c in cells]
+    p1_gaps = [(c["phase1"] - c["qc_ann"]) * 100 for c in cells]
+    over_p1 = [(c["both"] - c["phase1"]) * 100 for c in cells]
+    one = ", ".join(f"{d} {n} images = {100 / n:.2f} pt" for d, n in sizes.items())
+    print(f"{len(cells)} cells; test sets: {one}")
+    print(f"both - QC-ANN: median {statistics.median(gaps):+.2f} pt, worst {min(gaps):+.2f} pt "
+          "(targets: >= -0.5 median, >= -1.5 worst)")
+    print(f"phase 1 - QC-ANN: median {statistics.median(p1_gaps):+.2f} pt, "
+          f"worst {min(p1_gaps):+.2f} pt")
+    print(f"both - phase 1: median {statistics.median(over_p1):+.2f} pt, worst "
+          f"{min(over_p1):+.2f} pt, below phase 1 in {sum(g < 0 for g in over_p1)} cells")
+    for dataset in sizes:
+        for t in steps:
+            sel = [c for c in cells if c["dataset"] == dataset and c["time_steps"] == t]
+            if sel:
+                g = [(c["both"] - c["qc_ann"]) * 100 for c in sel]
+                print(f"  {dataset} T={t}: both - QC median {statistics.median(g):+.2f}, worst "
+                      f"{min(g):+.2f} over {len(sel)} cells")
+    print(f"total {time.perf_counter() - started:.0f}s")
+    if args.json:
+        args.json.write_text(json.dumps({"cells": cells, "test_sizes": sizes}, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--grid", action="store_true",
+                        help="models x datasets x T x seeds (issue 22) instead of the csnn sweep")
+    parser.add_argument("--models", default=",".join(GRID_MODELS))
+    parser.add_argument("--datasets", default="digits,mnist-subset")
+    parser.add_argument("--seeds", type=int, default=5, help="grid: training seeds 0..N-1")
+    parser.add_argument("--epochs", type=int, default=10, help="grid: ReLU ANN epochs (Adam 2e-3)")
     parser.add_argument("--time-steps", default="1,2,4,8,16")
     parser.add_argument("--ann-epochs", type=int, default=10)
     parser.add_argument("--ann-optimizer", choices=("adam", "sgd"), default="adam",
@@ -113,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         print("SpikingJelly is not installed: pip install '.[bench]'", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    if args.grid:
+        return grid(args)
     steps = [int(t) for t in args.time_steps.split(",")]
     train_set = load_dataset("mnist-subset", "train")
     test_set = load_dataset("mnist-subset", "test")
