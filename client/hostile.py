@@ -75,7 +75,8 @@ def hostile_array(value: np.ndarray, pick: Pick) -> Array:
     flat = value.reshape(-1)
     match kind:
         case "float64" | "int8" | "float16" | "uint8" | "bool":
-            return Array(value.astype(kind))
+            with np.errstate(all="ignore"):  # NaN or 1e30 cast to int8: garbage is the point
+                return Array(value.astype(kind))
         case "big-endian":
             return Array(value.astype(value.dtype.newbyteorder(">")))
         case "longer":
