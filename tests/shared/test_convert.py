@@ -230,7 +230,9 @@ def test_small_or_subset_calibration_data_is_split_and_checkpoint_round_trips(
     assert (report.calibration_samples, report.heldout_samples) == (80, 20)
     assert "potential-shift" not in report.accuracy
     path = save_checkpoint(tmp_path / "snn.safetensors", snn.state_dict(),
-                           {"model": "csnn", **converted_metadata(qc_ann, snn)})
+                           {"model": {"name": "csnn", "in_channels": 1, "num_classes": 10,
+                                      "input_size": 8, "time_steps": 4, "train_mode": "qann"},
+                            **converted_metadata(qc_ann, snn)})
     tensors, meta = load_checkpoint(path)
     fresh = to_qc_ann(build_ann("csnn", in_channels=1, num_classes=10, input_size=8), 4)
     rebuilt = load_converted(fresh, tensors, meta)
@@ -250,3 +252,74 @@ def test_converted_snn_takes_event_frames_and_works_with_the_chip_model(converte
     report = NeuroCore(ChipConfig(cores=2)).profile(snn, x, y)
     layers = {row["layer"] for row in report.rows}
     assert {"layers.act1", "layers.conv2"} <= layers and report.energy_j > 0
+
+
+# -- issue 22: phase 2 never makes the network worse --------------------------------------------
+def issue22_mlp(digits, seed: int, time_steps: int) -> nn.Module:
+    """Issue 22's recipe: ReLU MLP 64-128-64-10 (no BN), Adam 1e-3 40 epochs, then its QC-ANN
+    fine-tuned 20 epochs with Adam 5e-4."""
+    x, y = digits[0].tensors
+
+    def fit(model: nn.Module, epochs: int, lr: float, seed: int) -> nn.Module:
+        generator = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(param_groups(model), lr=lr)
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(y), generator=generator)
+            for first in range(0, len(y), 64):
+                idx = order[first : first + 64]
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return model.eval()
+
+    torch.manual_seed(seed)
+    ann = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64),
+                        nn.ReLU(), nn.Linear(64, 10))
+    fit(ann, 40, 1e-3, seed)
+    torch.manual_seed(seed)
+    return fit(to_qc_ann(ann, time_steps), 20, 5e-4, seed + time_steps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_phase2_never_ends_below_phase1_on_the_issue22_mlp(digits, seed):
+    """Before the gate, phase 2 took these from 95-96 % to 88-93 % on test (held-out: seed 1
+    100 % -> 90 %) while the layer-wise KL fell."""
+    from shared.snn import evaluate_model
+
+    qc_ann = issue22_mlp(digits, seed, 2)
+    snn, report = dual_phase_convert(qc_ann, Subset(digits[0], range(512)), 2, stages=False)
+    assert report.accuracy["final"] >= report.accuracy["converted"]
+    assert report.agreement["final"] >= report.agreement["converted"]
+    assert report.output_kl["final"] <= report.output_kl["converted"] + 1e-9
+    for entry, before, after in zip(report.calibration, report.before, report.after,
+                                    strict=False):  # the readout's entry has no neuron
+        assert entry["layer"] == before.layer == after.layer
+        if not entry["reverted"]:
+            assert after.residual <= before.residual + 1e-9, entry["layer"]
+    test_set = digits[1]
+    phase1 = evaluate_model(convert(qc_ann, 2).eval(), test_set)[1]
+    assert evaluate_model(snn, test_set)[1] >= phase1 - 5 / len(test_set.tensors[1])
+
+
+def test_a_step_that_hurts_the_network_is_reverted_and_reported(digits):
+    """Calibration with an absurd learning rate wrecks every layer it touches: no epoch passes
+    the gate, so each layer keeps its phase-1 weights and the report names the steps."""
+    qc_ann = issue22_mlp(digits, 0, 4)
+    data = Subset(digits[0], range(400))
+    snn, report = dual_phase_convert(qc_ann, data, 4, lr=50.0, epochs=2, stages=False,
+                                     readout=False)
+    phase1 = convert(qc_ann, 4)
+    calibrated = [e for e in report.calibration if any(s["step"].startswith("calibrate")
+                                                       and s["kept"] for s in e["steps"])]
+    assert not calibrated
+    assert any(r.endswith("calibrate_1") for r in report.reverted)
+    assert "steps reverted" in report.table() and "calibrate_1" in report.table()
+    weights = {k: v for k, v in snn.state_dict().items() if "v_init" not in k}
+    for key, value in phase1.state_dict().items():
+        if key in weights:
+            assert torch.equal(weights[key], value), key
+    assert report.accuracy["final"] >= report.accuracy["converted"]
+    assert report.output_kl["final"] <= report.output_kl["converted"] + 1e-9
