@@ -10,6 +10,9 @@ neuron constants but not the training surrogate.
   swapped into the victim only for the attack (`gradient_estimator`).
 - `gradient`: FGSM and PGD (L-inf) on the time-averaged logits.
 - `sparse`: SDA on binary event frames and the plain top-k gradient baseline.
+- `search`: `square`, a gradient-free L-inf random search that only queries predictions.
+- `robustness`: per-dataset budgets, robust accuracy as the worst case per input over every
+  attack, and the sanity checks against gradient masking.
 - `metrics`: success rate over correctly classified inputs, L0, budgets, passes; the attack
   rows of `spikefed-evaluate` (`AttackSummary.as_row`).
 
@@ -27,6 +30,16 @@ from .metrics import (
     summarize,
     summarize_sparse,
 )
+from .robustness import (
+    Budgets,
+    LinfPlan,
+    Robustness,
+    default_budgets,
+    linf_robustness,
+    sparse_robustness,
+    with_budgets,
+)
+from .search import square
 from .sparse import SparseResult, margin, sda, topk_baseline
 
 __all__ = [
@@ -34,17 +47,25 @@ __all__ = [
     "PDSG",
     "AttackError",
     "AttackSummary",
+    "Budgets",
+    "LinfPlan",
+    "Robustness",
     "SparseResult",
     "correctly_classified",
+    "default_budgets",
     "fgsm",
     "fooled",
     "get_estimator",
     "gradient_attack_success",
     "gradient_estimator",
+    "linf_robustness",
     "margin",
     "pgd",
     "sda",
+    "sparse_robustness",
+    "square",
     "summarize",
     "summarize_sparse",
     "topk_baseline",
+    "with_budgets",
 ]
