@@ -14,7 +14,10 @@ Everything runs on this machine, on loopback, with TLS (deploy/certs/generate.sh
    with one device's key removed from --auth-keys (revoked): rounds lost, metrics lines
    duplicated, processes of the killed server still running 10 s later (orphans), and whether the
    revoked device took part again. These devices pin the app (`--app-hash`, the value the server
-   prints), so the run also shows that a pinned device runs the app it was told to.
+   prints), so the run also shows that a pinned device runs the app it was told to;
+5. every device lost for good after round 1: the wait for devices is bounded by
+   `node-wait-timeout` (20 s here); the run must end with one line and exit code 1, its
+   checkpoints intact for `--resume`.
 
 It prints each fault, what was expected and what happened. Slow (minutes: several real runs on
 a tiny model); never a test.
@@ -228,8 +231,19 @@ def campaign(root: Path, devices: int, rounds: int) -> bool:
         duplicated = len(done) - len(set(done))
         records = history(out)
         revoked_joined = any(r["clients"] >= devices for r in records if r["round"] > kept[-1])
+        # the app is this checkout: edited between the two starts, its hash changes and the
+        # pinned devices must refuse it (a shared working tree does that; a release does not)
+        hashes = [re.search(r"--app-hash ([0-9a-f]{64})", fleet.log(name))
+                  for name in ("server2", "server2-resumed")]
+        app_changed = bool(pin) and all(hashes) and hashes[0][1] != hashes[1][1]
+        resumed_clients = [r["clients"] for r in records if r["round"] > kept[-1]]
+        if app_changed:
+            trained = all(c == 0 for c in resumed_clients) and "refused the run" in fleet.log(
+                "node1")
+        else:
+            trained = all(c == devices - 1 for c in resumed_clients)
         ok = (resumed.proc.returncode == 0 and done == list(range(1, rounds + 1))
-              and not duplicated and not orphans and not revoked_joined)
+              and not duplicated and not orphans and not revoked_joined and trained)
         results.append(ok)
         report("spikefed-server SIGKILLed in round 2, then --resume with one key revoked",
                "no orphans; every round once; the revoked device never trains again",
@@ -240,7 +254,41 @@ def campaign(root: Path, devices: int, rounds: int) -> bool:
                f"{[r['clients'] for r in records]}; revoked device trained again: "
                f"{revoked_joined}; server said 'revoked node': "
                f"{'revoked node' in fleet.log('server2-resumed')}; devices pinned the app: "
-               f"{bool(pin)}", ok)
+               f"{bool(pin)}" + ("; the app changed between the starts (checkout edited): the "
+                                 "pinned devices refused it" if app_changed else ""), ok)
+        fleet.stop_all()
+
+        # -- run 3: every device lost for good: the wait is bounded ---------------------------
+        port, out = free_port(), root / "run-all-devices-lost"
+        fleet = Fleet(root)
+        server = fleet.start("server3", "server.deploy", "--address", f"127.0.0.1:{port}",
+                             "--insecure", "--rounds", str(rounds), "--min-clients", "2",
+                             "--out", str(out), "--run-config",
+                             TINY.replace("node-wait-timeout=120.0", "node-wait-timeout=20.0"))
+        for i in (1, 2):
+            fleet.start(f"lab{i}", "client.cli", "--server", f"127.0.0.1:{port}", "--insecure",
+                        "--partition-id", str(i - 1), "--num-partitions", "2",
+                        "--connect-timeout", "120")
+        fleet.wait_for("round 1", lambda: 1 in rounds_in(out) or server.proc.poll() is not None)
+        orphans = fleet.kill("lab1", group=True) + fleet.kill("lab2", group=True)
+        lost_at = time.monotonic()
+        fleet.wait_for("the server to give up", lambda: server.proc.poll() is not None)
+        seconds = time.monotonic() - lost_at
+        errors = [ln for ln in fleet.log("server3").splitlines() if ln.startswith("error:")]
+        from shared.rundir import RunDir
+
+        try:
+            intact = RunDir(out).check_start(resume=True)
+        except Exception as err:  # noqa: BLE001 - reported, not raised
+            intact = f"none ({err})"
+        ok = (server.proc.returncode == 1 and len(errors) == 1 and "--resume" in errors[0]
+              and intact == rounds_in(out)[-1] and not orphans)
+        results.append(ok)
+        report("every device lost for good after round 1 (node-wait-timeout=20)",
+               "the run ends: one line, exit 1, checkpoints intact for --resume",
+               f"server exit {server.proc.returncode} {seconds:.0f} s after the loss; "
+               f"{errors[0][:160] if errors else 'no error line'}; --resume would continue "
+               f"after round {intact}", ok)
     finally:
         fleet.stop_all()
     print(f"\n{sum(results)} of {len(results)} faults survived; logs in {root}")
