@@ -4,8 +4,10 @@ Every figure is measured on the test split, except the integer engine's exactnes
 tops the test split up from the train split when the test split has fewer samples than asked for
 (exactness needs inputs, not held-out labels). Attacks run through a differentiable view of the
 model and are judged on the deployed model (the integer-in-float path for a quantized model);
-`shared.attack.metrics` scores them. A QC-ANN checkpoint gets the dual-phase conversion sweep
-instead of the sweep over T, and its converted SNN is what the attacks and the chip see.
+`shared.attack.metrics` scores them, and `shared.attack.robustness` takes the worst case per
+input over every attack at the dataset's budgets, with its checks against gradient masking.
+A QC-ANN checkpoint gets the dual-phase conversion sweep instead of the sweep over T, and its
+converted SNN is what the attacks and the chip see.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from shared.snn.inference import dataset_tensors, evaluate_model
 from .options import EvalOptions
 
 if TYPE_CHECKING:
-    from shared.attack import AttackSummary
+    from shared.attack import AttackSummary, Budgets
 
 
 def _test_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,13 +132,15 @@ class AttackView(nn.Module):
 
 
 def run_attacks(gm: GlobalModel, test: TensorDataset, options: EvalOptions,
-                on_step: Callable[[str], None] | None = None
-                ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """The attack table on the first `options.samples` test inputs that the deployed model
-    classifies correctly (success rate over those, scored by `shared.attack.metrics`); attacks
-    that do not apply are listed with the reason instead."""
+                on_step: Callable[[str], None] | None = None, dataset: str | None = None,
+                ) -> tuple[list[dict[str, Any]], list[dict[str, str]], dict[str, Any] | None]:
+    """The attack table and the robustness summary on the first `options.samples` test inputs
+    (those the deployed model classifies correctly are attacked; success rate over those,
+    robust accuracy over all of them, the worst case per input over every attack,
+    `shared.attack.robustness`). Attacks that do not apply are listed with the reason instead.
+    `dataset` names the budgets' dataset (default: the checkpoint's)."""
     if not options.attacks:
-        return [], []
+        return [], [], None
     from shared import attack
 
     x, y = dataset_tensors(test)
@@ -144,8 +148,12 @@ def run_attacks(gm: GlobalModel, test: TensorDataset, options: EvalOptions,
     events = x.dim() == 5
     xc, yc = attack.correctly_classified(gm.model, x, y, options.batch_size)
     view = AttackView(gm.model, gm.quantized)
+    budgets = _budgets(dataset or gm.meta.get("dataset") or gm.config.get("dataset"), events,
+                       options)
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
+    sparse: dict[str, tuple[list[int], list[bool]]] = {}
+    dense: list[str] = []
     for name in options.attacks:
         if name in ("sda", "topk"):
             if not events:
@@ -154,29 +162,54 @@ def run_attacks(gm: GlobalModel, test: TensorDataset, options: EvalOptions,
                 continue
             if on_step:
                 on_step(name)
-            summary = _sparse_attack(gm, view, name, xc, yc, options.seed)
-            rows.append(summary.as_row(attempted=len(x)))
+            summary, l0s, judged = _sparse_attack(gm, view, name, xc, yc, options.seed)
+            row = summary.as_row(attempted=len(x))
+            entries = x[0].numel()
+            row["budget_success"] = {budgets.label(b): sum(
+                f and v <= b * entries for v, f in zip(l0s, judged, strict=True)) / max(len(l0s), 1)
+                for b in budgets.values}
+            rows.append(row)
+            sparse[name] = (l0s, judged)
             continue
-        kind, _, estimator = name.partition("-")
         if events:
             skipped.append({"name": name, "reason": "an L-inf attack does not apply to binary "
                             "event frames; use sda"})
             continue
-        for eps in options.eps:
-            if on_step:
-                on_step(f"{name} eps={eps:.4f}")
-            torch.manual_seed(options.seed)
-            fn = attack.pgd if kind == "pgd" else attack.fgsm
-            x_adv = fn(view, xc, yc, eps, grad=estimator) if len(xc) else xc
-            fooled = attack.fooled(gm.model, x_adv, yc, options.batch_size)
-            rows.append(attack.summarize(name, eps, fooled).as_row(attempted=len(x)))
-    return rows, skipped
+        dense.append(name)
+    if events:
+        robust = attack.sparse_robustness(sparse, len(x), x[0].numel(), budgets) if sparse \
+            else None
+    elif dense:
+        plan = attack.LinfPlan(budgets, tuple(dense), steps=options.steps,
+                               restarts=options.restarts, queries=options.queries,
+                               checks=options.checks)
+        twin = gm.rebuild(weight_bits=32).eval() if gm.quantized and options.checks else None
+        robust = attack.linf_robustness(view, gm.model, xc, yc, len(x), plan, twin=twin,
+                                        seed=options.seed, batch_size=options.batch_size,
+                                        on_step=on_step)
+        rows += robust.rows()
+    else:
+        robust = None
+    return rows, skipped, None if robust is None else robust.summary()
+
+
+def _budgets(dataset: str | None, events: bool, options: EvalOptions) -> Budgets:
+    """The dataset's budgets with the options' curve and headline."""
+    from shared.attack import default_budgets, with_budgets
+
+    if dataset:
+        budgets = default_budgets(dataset)
+    else:  # a checkpoint that names no dataset: the MNIST-like or event defaults
+        budgets = default_budgets("dvs-digits" if events else "mnist-subset")
+    if budgets.threat == "l0":
+        return with_budgets(budgets, options.l0_budgets, options.budget)
+    return with_budgets(budgets, options.eps, options.budget)
 
 
 def _sparse_attack(gm: GlobalModel, view: AttackView, name: str, xc: torch.Tensor,
-                   yc: torch.Tensor, seed: int) -> AttackSummary:
+                   yc: torch.Tensor, seed: int) -> tuple[AttackSummary, list[int], list[bool]]:
     """SDA (or its top-k baseline) one sample at a time on the view, judged on the deployed
-    model."""
+    model; the summary, and per input the L0 and whether the deployed model was fooled."""
     from shared import attack
 
     fn = attack.sda if name == "sda" else attack.topk_baseline
@@ -187,7 +220,8 @@ def _sparse_attack(gm: GlobalModel, view: AttackView, name: str, xc: torch.Tenso
         result = fn(view, sample, yc[i : i + 1])
         results.append(result)
         judged += attack.fooled(gm.model, result.x_adv.transpose(0, 1), yc[i : i + 1])
-    return attack.summarize_sparse(name, results, judged=judged)
+    summary = attack.summarize_sparse(name, results, judged=judged)
+    return summary, [r.l0 for r in results], judged
 
 
 def chip_figures(gm: GlobalModel, test: TensorDataset, preset: str, batch: int) -> dict[str, Any]:
@@ -272,8 +306,8 @@ def evaluate_checkpoint(
         result["conversion"], notes = time_sweep(gm, test, options.time_steps, options.batch_size)
         result["conversion_source"] = "snn-time-sweep"
     result["notes"] = notes
-    result["attacks"], result["skipped_attacks"] = run_attacks(
-        gm, test, options, on_step=lambda s: stage(f"attack {s}"))
+    result["attacks"], result["skipped_attacks"], result["robustness"] = run_attacks(
+        gm, test, options, on_step=lambda s: stage(f"attack {s}"), dataset=dataset)
     stage("chip model")
     result["neurocore"] = chip_figures(gm, test, options.chip, options.chip_batch)
     result["options"] = {k: list(v) if isinstance(v, tuple) else v

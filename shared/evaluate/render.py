@@ -62,15 +62,62 @@ def sweep_table(result: dict[str, Any]) -> Table:
                  tuple(result["notes"]))
 
 
+def _eps(value: float | None) -> str:
+    from shared.attack.robustness import LINF, budget_label
+
+    return "-" if value is None else budget_label(LINF, value)
+
+
 def attacks_table(result: dict[str, Any]) -> Table:
     """One row per attack and eps, then the attacks skipped with their reason."""
-    rows = [(r["name"], "-" if r["eps"] is None else f"{r['eps'] * 255:.0f}/255",
-             _pct(r["success_rate"]), _one_decimal(r["mean_l0"]), _one_decimal(r["median_l0"]),
-             str(r["samples"])) for r in result["attacks"]]
+    rows = [(r["name"], _eps(r["eps"]), _pct(r["success_rate"]), _one_decimal(r["mean_l0"]),
+             _one_decimal(r["median_l0"]), str(r["samples"])) for r in result["attacks"]]
     rows += [(r["name"], "-", f"skipped: {r['reason']}", "", "", "")
              for r in result["skipped_attacks"]]
     return Table("attacks (success over correctly classified inputs)",
                  ("attack", "eps", "success", "mean L0", "median L0", "inputs"), tuple(rows))
+
+
+def robustness_table(result: dict[str, Any]) -> Table:
+    """Robust accuracy per attack (rows) and budget (columns), then the worst case per input
+    over every attack; the headline budget is marked with *."""
+    from shared.attack.robustness import budget_label
+
+    robust = result["robustness"]
+    threat = robust["threat"]
+    curve = robust["curve"]
+    columns = [c["budget"] for c in curve]
+    header = tuple(budget_label(threat, b) + (" *" if b == robust["budget"] else "")
+                   for b in columns)
+    cells: dict[str, dict[Any, str]] = {}
+    if threat == "linf":
+        for r in result["attacks"]:
+            if r["eps"] is not None:
+                cells.setdefault(r["name"], {})[r["eps"]] = _pct(r["robust_accuracy"])
+    else:  # sparse attacks: robust accuracy within each L0 budget
+        n, attempted = robust["correct"], robust["samples"]
+        for r in result["attacks"]:
+            if r["eps"] is None and "budget_success" in r:
+                row = cells.setdefault(r["name"], {})
+                for b in columns:
+                    rate = (r["success_rate"] if b is None
+                            else r["budget_success"].get(budget_label(threat, b)))
+                    if rate is not None:
+                        row[b] = _pct((n - rate * n) / attempted if attempted else 0.0)
+    rows = [(name, *(by.get(b, "-") for b in columns)) for name, by in cells.items()]
+    rows.append(("worst case", *(_pct(c["robust_accuracy"]) for c in curve)))
+    rows.append(("worst attack", *(c["worst_attack"] or "-" for c in curve)))
+    headline = robust["robust_accuracy"]
+    title = (f"robust accuracy {_pct(headline)} at {robust['budget_label']} (clean "
+             f"{_pct(robust['clean_accuracy'])}, {robust['samples']} inputs, worst case per input)")
+    return Table(title, ("attack", *header), tuple(rows), tuple(robust.get("notes", ())))
+
+
+def checks_table(result: dict[str, Any]) -> Table:
+    """The sanity checks against gradient masking: pass / warn and what they measured."""
+    rows = tuple((name, check["status"], check["detail"])
+                 for name, check in result["robustness"]["checks"].items())
+    return Table("robustness checks", ("check", "status", "measured"), rows)
 
 
 def energy_table(result: dict[str, Any]) -> Table:
@@ -83,8 +130,9 @@ def energy_table(result: dict[str, Any]) -> Table:
 
 
 def tables(result: dict[str, Any]) -> list[Table]:
-    """Every table of an evaluation, in report order."""
-    return [figures_table(result), sweep_table(result), attacks_table(result),
+    """Every table of an evaluation, in report order (the robustness tables when attacks ran)."""
+    robust = [robustness_table(result), checks_table(result)] if result.get("robustness") else []
+    return [figures_table(result), sweep_table(result), attacks_table(result), *robust,
             energy_table(result)]
 
 
@@ -121,7 +169,7 @@ def _markdown_row(cells: tuple[str, ...]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     """The report: a heading and a sentence on the model, then each table in its section."""
-    figures, sweep, attacks, energy = tables(result)
+    figures, sweep, attacks, *robust, energy = tables(result)
     chip = result["neurocore"]
     dual = " (dual-phase conversion)" if result["conversion_source"] == "dual-phase" else ""
     lines = [
@@ -148,6 +196,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "![attack success vs eps](plots/attack_success_vs_eps.png)",
         "",
+        *_robustness_section(robust),
         "## Energy on the chip model",
         "",
         f"One training step on {chip['batch']} test samples, chip preset `{chip['chip']}` "
@@ -159,6 +208,27 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _robustness_section(robust: list[Table]) -> list[str]:
+    if not robust:
+        return []
+    curve, checks = robust
+    return [
+        "## Robustness",
+        "",
+        "Robust accuracy over all inputs tried (a misclassified clean input counts as not "
+        "robust): per attack, and the worst case per input over every attack run; * marks the "
+        "dataset's standard budget, the headline. Then the checks against gradient masking "
+        "(Carlini et al. 2019).",
+        "",
+        f"**{curve.title}**",
+        "",
+        *markdown_table(curve),
+        "",
+        *markdown_table(checks),
+        "",
+    ]
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> Path:
