@@ -35,7 +35,8 @@ DENSITY_SAMPLES = 256  # samples used to measure the trained model's spike densi
 def node_data(config: RunConfig, node_config: dict, split: str) -> TensorDataset:
     """This node's share of `split`: its local directory, or its partition of the built-in data."""
     if node_config.get("data-dir"):
-        return load_dataset(config.dataset, split, data_dir=str(node_config["data-dir"]))
+        return load_dataset(config.dataset, split, data_dir=str(node_config["data-dir"]),
+                            framing=config.framing())
     try:
         partition_id = int(node_config["partition-id"])
         num_partitions = int(node_config["num-partitions"])
@@ -44,7 +45,8 @@ def node_data(config: RunConfig, node_config: dict, split: str) -> TensorDataset
             f"node config lacks {err}; start the node with --partition-id/--num-partitions "
             "or --data-dir"
         ) from None
-    full = load_dataset(config.dataset, split, data_dir=config.data_dir or None)
+    full = load_dataset(config.dataset, split, data_dir=config.data_dir or None,
+                        framing=config.framing())
     x, y = full.tensors
     idx = partition_indices(
         y,

@@ -133,7 +133,8 @@ class Federation:
         torch.manual_seed(config.seed)
         self.spec = config.model_spec()
         self.model = build_from_spec(self.spec)
-        self.test_set = load_dataset(config.dataset, "test", data_dir=config.data_dir or None)
+        self.test_set = load_dataset(config.dataset, "test", data_dir=config.data_dir or None,
+                                     framing=config.framing())
         self.history: list[RoundRecord] = []
         self.round_offset = 0
         self.last_checkpoint: Path | None = None
@@ -243,7 +244,8 @@ class Federation:
         from shared.convert import dual_phase_convert
 
         config = self.config
-        calib_set = load_dataset(config.dataset, "train", data_dir=config.data_dir or None)
+        calib_set = load_dataset(config.dataset, "train", data_dir=config.data_dir or None,
+                                 framing=config.framing())
         snn, report = dual_phase_convert(
             self.model, calib_set, config.time_steps, seed=config.seed
         )
