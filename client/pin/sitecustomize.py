@@ -40,4 +40,9 @@ def _pin_clientapp(pinned: str) -> None:
 
 if os.environ.get(PIN_ENV) and os.path.basename(sys.argv[0] if sys.argv else "") == (
         "flwr-clientapp"):
-    _pin_clientapp(os.environ[PIN_ENV].strip().lower())
+    try:
+        _pin_clientapp(os.environ[PIN_ENV].strip().lower())
+    except (ImportError, AttributeError) as err:  # fail closed: no pin, no app
+        print(f"{REFUSED}: the app pin cannot hook this Flower version ({err})", file=sys.stderr,
+              flush=True)
+        os._exit(1)
