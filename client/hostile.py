@@ -168,7 +168,13 @@ def mutate(content: RecordDict, bits: int, pick: Pick) -> list[str]:
             if not isinstance(arrays, ArrayRecord) or not len(arrays):
                 continue
             key = pick(sorted(arrays.keys()))
-            arrays[key] = hostile_array(arrays[key].numpy(), pick)
+            try:
+                value = arrays[key].numpy()
+            except Exception:  # an earlier change left no honest array there to start from
+                value = np.zeros(4, np.float32)
+            if not isinstance(value, np.ndarray):
+                value = np.zeros(4, np.float32)
+            arrays[key] = hostile_array(value, pick)
             name = f"arrays[{key}]"
         else:
             continue

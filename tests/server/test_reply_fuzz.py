@@ -143,7 +143,7 @@ def fuzz_case(name: str, bits: int, pick: Callable[[Sequence[Any]], Any]) -> Cas
     """One train round and one evaluate round of `name` at `bits`: HONEST honest replies plus 1-2
     hostile ones drawn with `pick`, against the honest-only rounds. Raises whatever a hook raises
     (a crash); returns the case with its property violations."""
-    case = Case(name, bits)
+    case = Case(name, bits)  # any exception from here on comes out of a hook: a crash
     case.hostile = pick((1, 1, 2))
     hostile = []
     for j in range(case.hostile):
