@@ -128,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                    "chip J / round", f"energy vs {precisions[0]}"]
     if not args.no_speed:
         header += ["step samples/s", f"speed vs {precisions[0]}"]
-    print_table(
-        f"train-precision: default federation, {args.clients} clients, {args.rounds} rounds "
-        f"{args.run_config}".strip(), header, rows, width=150)
+    title = "train-precision: one csnn training step (batch 32, T = 4, 1 thread)"
+    if not args.speed_only:
+        title = (f"train-precision: default federation, {args.clients} clients, {args.rounds} "
+                 f"rounds {args.run_config}".strip())
+    print_table(title, header, rows, width=150)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
