@@ -219,7 +219,8 @@ class Federation:
 
         x, y = self.test_set.tensors
         x, y = model_layout(x[: config.batch_size]), y[: config.batch_size]
-        chip = NeuroCore(ChipConfig.preset(config.chip, optimizer=config.optimizer))
+        preset = ChipConfig.preset(config.chip, optimizer=config.optimizer)
+        chip = NeuroCore(preset.for_training(config.resolved_train_precision()))
         out = self.run_dir.neurocore_dir
         round_ = self.history[-1].round
         report = chip.write_report(
