@@ -288,8 +288,9 @@ def _run_with_progress(
 
 
 def final_evaluation(checkpoint: Path, out: Path, config: RunConfig) -> dict[str, Any]:
-    """`spikefed-evaluate`'s light set on the final global model: tables on the console,
-    `evaluation.json` and `report.md` (+ plots) in `out`."""
+    """`spikefed-evaluate`'s light set on the final global model (robust accuracy at the
+    dataset's headline budget from PGD, FGSM and the square search, one restart): tables on the
+    console, `evaluation.json` and `report.md` (+ plots) in `out`."""
     from shared import evaluate
 
     options = evaluate.light_options(
@@ -309,10 +310,15 @@ def final_evaluation(checkpoint: Path, out: Path, config: RunConfig) -> dict[str
         integer = result["integer"]
         exact = (f"; integer engine bit-exact: {integer['bit_exact']} on {integer['samples']}"
                  if integer["samples"] else "")
+        robust = result.get("robustness")
+        headline = (f"; robust accuracy {robust['robust_accuracy']:.2%} at "
+                    f"{robust['budget_label']} (worst case over {', '.join(robust['attacks'])}; "
+                    "light set, `spikefed-evaluate` runs the full one)"
+                    if robust and robust["robust_accuracy"] is not None else "")
         with run_report.open("a") as f:
-            f.write(f"\n## Final evaluation\n\nAccuracy {result['accuracy']:.2%}{exact}; "
-                    f"accuracy over T, attacks and chip energy in "
-                    f"[{out.name}/report.md]({out.name}/report.md).\n")
+            f.write(f"\n## Final evaluation\n\nAccuracy {result['accuracy']:.2%}{exact}"
+                    f"{headline}; accuracy over T, attacks, robustness checks and chip energy "
+                    f"in [{out.name}/report.md]({out.name}/report.md).\n")
     console.print(f"evaluation: {report}")
     return result
 

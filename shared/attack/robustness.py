@@ -86,11 +86,10 @@ def default_budgets(dataset: str) -> Budgets:
 
 def with_budgets(budgets: Budgets, values: Sequence[float] | None = None,
                  standard: float | None = None) -> Budgets:
-    """`budgets` with another curve and / or headline; the curve always holds the headline."""
+    """`budgets` with another curve (empty: the headline only) and / or headline; the curve
+    always holds the headline."""
     standard = budgets.standard if standard is None else float(standard)
     curve = budgets.values if values is None else tuple(float(v) for v in values)
-    if not curve and values is not None:
-        raise AttackError("the budget curve needs at least one budget")
     return Budgets(budgets.threat, tuple(sorted({*curve, standard})), standard, budgets.large)
 
 
