@@ -117,3 +117,39 @@ def test_report_has_its_sections_notes_and_plots():
 def test_json_round_trips(tmp_path):
     path = write_json(RESULT, tmp_path / "deep" / "eval.json")
     assert json.loads(path.read_text()) == RESULT
+
+
+def _robust_result() -> dict:
+    result = copy.deepcopy(RESULT)
+    result["attacks"] = [
+        {"name": n, "eps": e, "success_rate": s, "robust_accuracy": r, "mean_l0": None,
+         "median_l0": None, "samples": 36, "attempted": 40}
+        for n, e, s, r in [("pgd-atan", 0.1, 0.5, 0.45), ("square", 0.1, 0.25, 0.675),
+                           ("pgd-atan", 0.3, 1.0, 0.0), ("square", 0.3, 0.75, 0.225)]]
+    result["robustness"] = {
+        "threat": "linf", "budget": 0.3, "budget_label": "0.3", "robust_accuracy": 0.0,
+        "clean_accuracy": 0.9, "worst_attack": "pgd-atan", "attacks": ["pgd-atan", "square"],
+        "samples": 40, "correct": 36, "notes": [],
+        "curve": [{"budget": 0.1, "robust_accuracy": 0.4, "worst_attack": "pgd-atan"},
+                  {"budget": 0.3, "robust_accuracy": 0.0, "worst_attack": "pgd-atan"}],
+        "checks": {"gradient_free": {"status": "warn", "figure": 0.05,
+                                     "detail": "gradient masking likely: square +5.0 points"}}}
+    return result
+
+
+def test_robustness_tables_show_each_attack_the_worst_case_and_the_checks():
+    result = _robust_result()
+    model = tables(result)
+    in_markdown = _markdown_tables(markdown(result))
+    assert len(model) == len(in_markdown) == 6
+    curve, checks = model[3], model[4]
+    assert curve.columns == ("attack", "0.1", "0.3 *")
+    assert curve.rows == (("pgd-atan", "45.00 %", "0.00 %"), ("square", "67.50 %", "22.50 %"),
+                          ("worst case", "40.00 %", "0.00 %"),
+                          ("worst attack", "pgd-atan", "pgd-atan"))
+    assert "robust accuracy 0.00 % at 0.3" in curve.title
+    assert checks.rows == (("gradient_free", "warn",
+                            "gradient masking likely: square +5.0 points"),)
+    for table, (header, rows) in zip(model, in_markdown, strict=True):
+        assert table.columns == header and list(table.rows) == rows
+    assert "## Robustness" in markdown(result)
