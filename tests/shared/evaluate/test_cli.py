@@ -63,7 +63,8 @@ def test_bad_checkpoint_is_one_line_exit_2(invoke, checkpoint, tmp_path, damage,
 @pytest.mark.parametrize(
     ("args", "needle"),
     [(["--eps", "-8/255"], "must lie in [0, 1]"), (["--attacks", "pgd-magic"], "unknown attack"),
-     (["--time-steps", "0"], ">= 1"), (["--chip", "gpu9000"], "unknown chip preset")],
+     (["--time-steps", "0"], ">= 1"), (["--budget", "150%"], "must lie in [0, 1]"),
+     (["--chip", "gpu9000"], "unknown chip preset")],
 )
 def test_bad_options_are_one_line_exit_2(invoke, checkpoint, args, needle):
     result = invoke(cli, str(checkpoint), "--attacks", "pgd-pdsg", *args)
@@ -75,7 +76,8 @@ def test_command_prints_the_tables_and_writes_json_and_report(invoke, checkpoint
                                                               monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     result = invoke(cli, str(checkpoint), "--time-steps", "2", "--attacks", "fgsm-pdsg,sda",
-                    "--eps", "16/255", "--samples", "10", "--exact-samples", "10",
+                    "--eps", "16/255", "--budget", "16/255", "--samples", "10",
+                    "--exact-samples", "10",
                     "--json", str(tmp_path / "eval.json"), "--report", str(tmp_path / "report.md"))
     assert result.code == 0, result.stdout + result.stderr
     evaluation = json.loads((tmp_path / "eval.json").read_text())
@@ -83,6 +85,10 @@ def test_command_prints_the_tables_and_writes_json_and_report(invoke, checkpoint
     assert evaluation["options"]["eps"] == [16 / 255] and evaluation["options"]["samples"] == 10
     assert "integer engine bit-exact" in result.stdout and "fgsm-pdsg" in result.stdout
     assert "skipped: needs binary event frames" in result.stdout
+    robust = evaluation["robustness"]
+    assert robust["budget"] == 16 / 255 and 0 <= robust["robust_accuracy"] <= 1
+    assert "robust accuracy" in result.stdout and "## Robustness" in (tmp_path /
+                                                                     "report.md").read_text()
     assert (tmp_path / "report.md").is_file() and (tmp_path / "plots").is_dir()
 
 

@@ -20,7 +20,8 @@ ROW_KEYS = {"name", "eps", "success_rate", "mean_l0", "median_l0", "samples"}
 
 def test_pipeline_reports_every_spec_key(checkpoint, tmp_path):
     options = EvalOptions(time_steps=(1, 2, 4), attacks=("pgd-pdsg", "pgd-atan", "sda"),
-                          eps=(8 / 255, 32 / 255), samples=40, exact_samples=1000)
+                          eps=(8 / 255,), budget=32 / 255, samples=40, exact_samples=1000,
+                          restarts=1, checks=False)
     stages = []
     result = evaluate_checkpoint(checkpoint, options, on_stage=stages.append)
     assert SPEC_KEYS <= result.keys()
@@ -33,14 +34,22 @@ def test_pipeline_reports_every_spec_key(checkpoint, tmp_path):
     native = next(r for r in result["conversion"] if r["time_steps"] == 2)
     assert native["snn_accuracy"] == pytest.approx(result["accuracy"])
     names = {(r["name"], r["eps"]) for r in result["attacks"]}
-    assert names == {(n, e) for n in ("pgd-pdsg", "pgd-atan") for e in options.eps}
+    assert names == {(n, e) for n in ("pgd-pdsg", "pgd-atan") for e in (8 / 255, 32 / 255)}
     for row in result["attacks"]:
         assert 0.0 <= row["success_rate"] <= 1.0 and row["samples"] > 0
-        assert ROW_KEYS | {"attempted"} == row.keys() and row["attempted"] == 40
+        assert ROW_KEYS | {"attempted", "robust_accuracy"} <= row.keys()
+        assert row["attempted"] == 40
         assert row["mean_l0"] is None  # L0 is the figure of sparse attacks only
     big = {r["name"]: r["success_rate"] for r in result["attacks"] if r["eps"] == 32 / 255}
     assert big["pgd-pdsg"] > 0  # a 32/255 L-inf ball fools a 4-step digits net on some inputs
     assert [s["name"] for s in result["skipped_attacks"]] == ["sda"]  # images, not events
+    robust = result["robustness"]
+    assert robust["budget"] == 32 / 255 and robust["worst_attack"] in ("pgd-pdsg", "pgd-atan")
+    worst = robust["robust_accuracy"]
+    at_budget = [r["robust_accuracy"] for r in result["attacks"] if r["eps"] == 32 / 255]
+    assert worst <= min(at_budget) and worst < result["accuracy"]
+    assert {"pgd_vs_fgsm", "gradient_free"}.isdisjoint(robust["checks"])  # no FGSM, no square
+    assert robust["checks"]["success_rises"]["status"] in ("pass", "warn")
     chip = result["neurocore"]
     assert chip["energy_j"] > chip["inference_energy_j"] > 0 and chip["dram_bytes"] > 0
     assert "integer engine" in stages and "chip model" in stages
@@ -69,10 +78,14 @@ def test_event_model_gets_sparse_attacks_and_its_own_time_steps(train_checkpoint
     assert set(rows) == {"sda", "topk"} and rows["sda"]["eps"] is None
     for row in rows.values():
         assert 0.0 <= row["success_rate"] <= 1.0 and row["samples"] > 0
-        assert row.keys() == ROW_KEYS | {"attempted", "median_l0_percent", "passes_per_sample"}
+        assert row.keys() == ROW_KEYS | {"attempted", "median_l0_percent", "passes_per_sample",
+                                         "budget_success"}
         if row["mean_l0"] is not None:
             assert row["median_l0"] >= 1 and row["passes_per_sample"] > 0
     assert [s["name"] for s in result["skipped_attacks"]] == ["pgd-pdsg"]
+    robust = result["robustness"]
+    assert robust["threat"] == "l0" and robust["budget"] == 0.0025
+    assert set(robust["checks"]) == {"success_rises", "large_budget"}
 
 
 def test_qann_checkpoint_gets_a_conversion_sweep_and_its_snn_is_evaluable(train_checkpoint,
@@ -80,8 +93,8 @@ def test_qann_checkpoint_gets_a_conversion_sweep_and_its_snn_is_evaluable(train_
     from shared.convert import dual_phase_convert
 
     path = train_checkpoint(tmp_path / "round-001.safetensors", train_mode="qann", steps=40)
-    options = EvalOptions(time_steps=(1, 2), attacks=("pgd-pdsg",), eps=(16 / 255,),
-                          samples=20)
+    options = EvalOptions(time_steps=(1, 2), attacks=("pgd-pdsg",), eps=(), budget=16 / 255,
+                          samples=20, restarts=1, checks=False)
     result = evaluate_checkpoint(path, options)
     assert result["kind"] == "qann" and result["conversion_source"] == "dual-phase"
     assert [r["time_steps"] for r in result["conversion"]] == [1, 2]
@@ -109,7 +122,9 @@ def test_attacks_leave_the_model_unchanged(checkpoint):
     gm = load_global_model(checkpoint)
     before = {k: v.clone() for k, v in gm.model.state_dict().items()}
     test = load_dataset("digits", "test")
-    run_attacks(gm, test, EvalOptions(attacks=("fgsm-pdsg",), eps=(16 / 255,), samples=20))
+    _, _, robust = run_attacks(gm, test, EvalOptions(attacks=("fgsm-pdsg", "square"), eps=(),
+                                                     budget=16 / 255, samples=20, queries=10))
+    assert robust["budget"] == 16 / 255 and "gradient_free" in robust["checks"]
     after = gm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not gm.model.training
