@@ -158,7 +158,7 @@ def test_evaluate_command_on_the_run(quick_run, tmp_path):
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     assert EVALUATION_KEYS <= evaluation.keys()
     assert [c["time_steps"] for c in evaluation["conversion"]] == [2, 4]
-    assert {a["name"] for a in evaluation["attacks"]} == {"fgsm-pdsg", "pgd-sigmoid"}
+    assert {"fgsm-pdsg", "pgd-sigmoid"} <= {a["name"] for a in evaluation["attacks"]}
     assert all(0 <= a["success_rate"] <= 1 for a in evaluation["attacks"])
     for png in ("accuracy_vs_time_steps", "attack_success_vs_eps", "energy_breakdown"):
         assert (tmp_path / "plots" / f"{png}.png").stat().st_size > 1000
