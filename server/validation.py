@@ -277,8 +277,10 @@ def unusable(
             if name.endswith("running_var") and (value < 0).any():
                 return f"{name} has negative variances"
             base = None if previous is None else previous.get(name)
-            if previous is not None and (base is None or base.shape != value.shape):
+            if previous is not None and (base is None or base.size != value.size):
                 return f"{name} does not match the global model"
+            if base is not None:  # Flower's aggregation may return a 0-d tensor as shape (1,)
+                value = value.reshape(base.shape)
             delta = None if base is None else value.astype(np.float64) - base
             reply.check_bounds(name, value, delta)
         if previous is not None and set(arrays.keys()) != set(previous):
