@@ -198,6 +198,19 @@ class GlobalModel:
         """`snn`, `qann` or `converted-snn` (see the module's docstring)."""
         return model_kind(self.meta, self.spec)
 
+    def framing(self):  # -> shared.data.Framing
+        """How the run framed `nmnist` / `dvs-gesture` recordings (its `event-*` keys; the
+        defaults for a run that predates them). A bad value is a `CheckpointError`."""
+        from shared.data import DatasetError, Framing
+
+        c = self.config
+        try:
+            return Framing(int(c.get("event-frames", Framing.frames)),
+                           str(c.get("event-framing", Framing.mode)),
+                           int(c.get("event-size", Framing.size)))
+        except (TypeError, ValueError, OverflowError, DatasetError) as e:
+            raise CheckpointError(f"checkpoint {self.path}: bad event framing: {e}") from None
+
     @property
     def quantized(self) -> bool:
         """Whether the model has an integer engine (a `shared.quant.quantize` model)."""

@@ -283,8 +283,9 @@ def evaluate_checkpoint(
     if not dataset:
         raise CheckpointError(f"checkpoint {gm.path} names no dataset; pass --dataset")
     data_dir = options.data_dir or gm.config.get("data-dir") or None
-    test = load_dataset(dataset, "test", data_dir=data_dir)
-    train = load_dataset(dataset, "train", data_dir=data_dir)
+    framing = gm.framing()  # event recordings are framed as the run framed them
+    test = load_dataset(dataset, "test", data_dir=data_dir, framing=framing)
+    train = load_dataset(dataset, "train", data_dir=data_dir, framing=framing)
     torch.manual_seed(options.seed)
 
     stage("accuracy")

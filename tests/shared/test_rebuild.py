@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from shared.config import RunConfig
 from shared.errors import CheckpointError
-from shared.rebuild import MAX_PARAMETERS, SPEC_LIMITS, build_from_spec, check_spec
+from shared.rebuild import (
+    MAX_PARAMETERS,
+    SPEC_LIMITS,
+    GlobalModel,
+    build_from_spec,
+    check_spec,
+)
 
 SPEC = RunConfig.parse({"dataset": "digits", "model": "mlp"}).model_spec()
 
@@ -52,3 +60,27 @@ def test_any_accepted_spec_builds_within_the_parameter_bound(sizes):
     with torch.device("meta"):
         model = build_from_spec(spec)
     assert sum(p.numel() for p in model.parameters()) <= MAX_PARAMETERS
+
+
+def _global_model(config: dict) -> GlobalModel:
+    return GlobalModel(Path("ckpt/round_1.safetensors"), torch.nn.Identity(), {},
+                       {"config": config}, {})
+
+
+def test_framing_is_the_runs_and_defaults_for_older_runs():
+    from shared.data import Framing
+
+    run = RunConfig.parse({"event-frames": 4, "event-framing": "count", "event-size": 16})
+    assert _global_model(run.to_flwr()).framing() == run.framing() == Framing(4, "count", 16)
+    assert _global_model({}).framing() == RunConfig().framing()
+
+
+@given(st.dictionaries(st.sampled_from(["event-frames", "event-framing", "event-size"]),
+                       st.one_of(st.integers(), st.text(max_size=8), st.none(), st.floats())))
+@example({"event-frames": float("inf")})
+@settings(max_examples=60, deadline=None)
+def test_hostile_framing_in_a_checkpoint_is_a_checkpoint_error(config):
+    try:
+        _global_model(config).framing()
+    except CheckpointError as e:
+        assert "\n" not in str(e)
