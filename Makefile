@@ -27,7 +27,7 @@ run: $(STAMP)
 # nginx-light is Debian's smallest nginx build with SSL and proxying)
 system-test:
 	@missing=""; \
-	command -v prometheus >/dev/null && command -v promtool >/dev/null || missing="prometheus"; \
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || missing=" prometheus"; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	[ -z "$$missing" ] || { \
 		command -v apt-get >/dev/null || { echo "error: the tests need$$missing (prometheus, promtool and nginx on PATH); install them (no apt-get here)" >&2; exit 1; }; \
