@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from shared.snn import LIF
+from shared.snn.neuron import round_gradient
 
 Precision = Literal["float", "fp16", "int8"]
 TRAIN_PRECISIONS: tuple[str, ...] = ("float", "fp16", "int8")
@@ -149,14 +150,6 @@ class TrainPrecision:
             return e.copy_(e.half())
         return self._int8_(e, e)
 
-    def round_error(self, e: Tensor) -> Tensor:
-        """`round_error_` into a new tensor (`e` is left as it is)."""
-        if not self.quantize or self.precision == "float":
-            return e.clone()
-        if self.precision == "fp16":
-            return e.half().to(e.dtype)
-        return self._int8_(e, None)
-
     def _int8_(self, e: Tensor, out: Tensor | None) -> Tensor:
         """SR int8 codes of `e` times their scale, written into `out` (None: a new tensor)."""
         lo, hi = torch.aminmax(e)
@@ -202,7 +195,7 @@ class TrainPrecision:
     def _output_hook(self, _module: nn.Module, _args: tuple, y: Tensor) -> Tensor | None:
         if not y.requires_grad:
             return None
-        return _RoundError.apply(y, self)
+        return round_gradient(y, self.round_error_)
 
     def attach(self) -> TrainPrecision:
         """Register the error roundings and bring the weights onto the shadow grid (a model sent
@@ -236,16 +229,3 @@ class TrainPrecision:
 def _channel_scale(k: Tensor, dim: int) -> Tensor:
     scale = torch.exp2(k)
     return scale.view(-1, *([1] * (dim - 1))) if k.dim() == 1 else scale
-
-
-class _RoundError(torch.autograd.Function):
-    """Identity forward; the backward rounds the error dL/dy of a synaptic layer's output."""
-
-    @staticmethod
-    def forward(ctx, y: Tensor, rounding: TrainPrecision) -> Tensor:  # type: ignore[override]
-        ctx.rounding = rounding
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return ctx.rounding.round_error(grad), None

@@ -55,6 +55,12 @@ class _QuantizeGrad(torch.autograd.Function):
         return ctx.quantizer(grad.clone()), None
 
 
+def round_gradient(x: Tensor, quantizer: ErrorQuantizer) -> Tensor:
+    """`x` unchanged; in the backward pass the gradient that reaches it is rounded by `quantizer`
+    (given a copy it may overwrite)."""
+    return _QuantizeGrad.apply(x, quantizer)
+
+
 class _MultiStepNeuron(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -162,7 +168,7 @@ def multistep_reference(
     for t in range(x_seq.shape[0]):
         h = decay * v + x_seq[t]
         if error_quantizer is not None:
-            h = _QuantizeGrad.apply(h, error_quantizer)
+            h = round_gradient(h, error_quantizer)
         s = spike_fn(h - threshold)
         s_reset = s.detach() if detach_reset else s
         v = h - threshold * s_reset if reset == "subtract" else h * (1 - s_reset)
