@@ -117,6 +117,15 @@ class RunConfig(BaseModel):
         "auto", description="errors, weight gradients and weights in float32, fp16 or int8 "
         "(power-of-two scales, stochastic rounding); auto = the chip preset's precision "
         "(int8 for edge-int8, fp16 for paper-28nm-fp16, float without a chip)")
+    # the fleet (shared.fleet): each client a device with its chip, link, energy and availability
+    fleet: str = Field("", description="fleet file (TOML, examples in deploy/fleets/); set by "
+                       "--fleet; empty = every client the same device, no time or energy model")
+    round_deadline_s: float = Field(
+        0.0, ge=0, description="simulated seconds a round waits for devices (fleet); replies "
+        "that would come later are dropped as stragglers; 0 = no deadline")
+    selection: Literal["uniform", "aware"] = Field(
+        "uniform", description="which devices train (fleet): uniform (Flower's sampling among "
+        "online devices) or aware (expected to meet the deadline and energy, oldest first)")
     # outputs
     out_dir: str = "runs/default"
     # the ServerApp's Prometheus endpoint (server.metrics); port 0 turns it off
@@ -159,6 +168,14 @@ class RunConfig(BaseModel):
                 f"bulyan with krum-malicious={self.krum_malicious} needs at least {needed} "
                 "clients (4f + 3); add clients or lower krum-malicious"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _fleet_keys(self) -> RunConfig:
+        if not self.fleet and (self.selection != "uniform" or self.round_deadline_s > 0):
+            key = "selection" if self.selection != "uniform" else "round-deadline-s"
+            raise ValueError(f"{key} needs a fleet of device profiles: pass --fleet FILE.toml "
+                             "(examples in deploy/fleets/)")
         return self
 
     @classmethod

@@ -62,6 +62,7 @@ ARRAYS = "arrays"
 SCALES = "update-scales"
 METRICS = "metrics"
 CONFIG = "config"  # the server's instruction: the resolved run config (+ server-round)
+DEVICE = "device"  # a fleet's train instruction: the node's device (name, class, profile JSON)
 
 # metric keys
 NUM_EXAMPLES = "num-examples"
@@ -72,8 +73,14 @@ TRAIN_SECONDS = "train-seconds"
 ENERGY_J = "energy-j"
 CYCLES = "cycles"
 DRAM_BYTES = "dram-bytes"
+# a device with a profile (shared.fleet): its modelled round, simulated seconds and joules
+DEVICE_SECONDS = "device-seconds"  # compute + transfer
+DEVICE_COMPUTE_SECONDS = "device-compute-seconds"  # the chip's cycles at its clock
+DEVICE_ENERGY_J = "device-energy-j"  # chip + radio
+DEVICE_RADIO_J = "device-radio-j"  # radio energy of the bytes received and sent
+DEVICE_METRICS = (DEVICE_SECONDS, DEVICE_COMPUTE_SECONDS, DEVICE_ENERGY_J, DEVICE_RADIO_J)
 TRAIN_REQUIRED = (NUM_EXAMPLES, LOSS, ACCURACY)
-TRAIN_OPTIONAL = (SPIKE_DENSITY, TRAIN_SECONDS, ENERGY_J, CYCLES, DRAM_BYTES)
+TRAIN_OPTIONAL = (SPIKE_DENSITY, TRAIN_SECONDS, ENERGY_J, CYCLES, DRAM_BYTES, *DEVICE_METRICS)
 EVALUATE_REQUIRED = (LOSS, ACCURACY, NUM_EXAMPLES)
 
 # record name -> kind: "array", "config", "metric" (ArrayRecord, ConfigRecord, MetricRecord)
@@ -93,6 +100,10 @@ METRIC_BOUNDS: dict[str, tuple[float, float]] = {  # key -> (low, high), both in
     ENERGY_J: (0.0, 1e9),
     CYCLES: (0, MAX_COUNT),
     DRAM_BYTES: (0, MAX_COUNT),
+    DEVICE_SECONDS: (0.0, 1e9),
+    DEVICE_COMPUTE_SECONDS: (0.0, 1e9),
+    DEVICE_ENERGY_J: (0.0, 1e12),
+    DEVICE_RADIO_J: (0.0, 1e12),
 }
 
 # value bounds of decoded updates and of every global model the server accepts
