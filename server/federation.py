@@ -18,6 +18,7 @@ both accuracies.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -28,12 +29,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
+from server.fleet import FleetSelection
 from server.strategy import RoundStats, make_strategy, privacy_summary
 from shared.byzantine import KIND_KEY, NODES_KEY, check_kind
-from shared.checkpoint import save_checkpoint
+from shared.checkpoint import atomic_write, save_checkpoint
 from shared.config import RunConfig
 from shared.data import load_dataset
 from shared.errors import RunError
+from shared.fleet import ACCURACY_TARGETS, FleetState, load_fleet, step_costs, to_accuracy
 from shared.rebuild import build_from_spec, converted_metadata
 from shared.rundir import RoundRecord, RunDir
 from shared.snn import evaluate_model, federated_state, load_federated_state, model_layout
@@ -140,6 +143,8 @@ class Federation:
         self.last_checkpoint: Path | None = None
         self.chip_summary: dict[str, Any] | None = None  # the final chip report's totals
         self.conversion: dict[str, Any] | None = None  # train-mode qann: the converted SNN
+        self.fleet = load_fleet(config.fleet) if config.fleet else None  # FleetError: exit 2
+        self.fleet_state: FleetState | None = None
         self._lock = self.run_dir.lock()  # held until the run ends (or this process does)
         try:
             done = self.run_dir.check_start(resume)
@@ -185,7 +190,8 @@ class Federation:
         if self.observer:
             self.observer.on_start(config, self.round_offset + 1, initial)
         if remaining > 0:
-            strategy = make_strategy(config, round_offset=self.round_offset)
+            selection = self._fleet_selection() if self.fleet is not None else None
+            strategy = make_strategy(config, round_offset=self.round_offset, fleet=selection)
             if self.observer:
                 strategy.on_round_start = self.observer.on_round_start
             self._strategy = strategy
@@ -208,6 +214,37 @@ class Federation:
             self.conversion = self._convert_global()
         self.chip_summary = self._write_chip_report()
         return self._write_summary(initial, time.perf_counter() - started)
+
+    def _fleet_selection(self) -> FleetSelection:
+        """The fleet's state (restored from fleet.json on resume) with the selection's step-cost
+        estimates: one training step of the initial global model on each device class's chip."""
+        config, fleet = self.config, self.fleet
+        assert fleet is not None
+        x, y = self.test_set.tensors
+        x, y = model_layout(x[: config.batch_size]), y[: config.batch_size]
+        profiles = {d.klass: d.profile for d in fleet.devices}
+        steps = step_costs(profiles, self.model, x, y, optimizer=config.optimizer,
+                           train_precision=config.train_precision)
+        train_size = len(load_dataset(config.dataset, "train", data_dir=config.data_dir or None,
+                                      framing=config.framing()))
+        state = FleetState(fleet, seed=config.seed, deadline_s=config.round_deadline_s,
+                           policy=config.selection, batch_size=config.batch_size,
+                           epochs=config.local_epochs,
+                           examples_default=train_size // max(1, len(fleet)),
+                           step_defaults=steps)
+        saved = self.run_dir.fleet_file
+        if self.round_offset > 0 and saved.is_file():
+            try:
+                state.restore(json.loads(saved.read_text()).get("devices", {}))
+            except (ValueError, AttributeError) as err:
+                log.warning("%s unreadable (%s): the fleet starts afresh", saved, err)
+        self.fleet_state = state
+        return FleetSelection(state)
+
+    def _write_fleet_state(self) -> None:
+        if self.fleet_state is not None:
+            data = {"summary": self.fleet_state.summary(), "devices": self.fleet_state.to_json()}
+            atomic_write(self.run_dir.fleet_file, (json.dumps(data, indent=1) + "\n").encode())
 
     def _write_chip_report(self) -> dict[str, Any] | None:
         """The chip report of the last round: one training step of the final global model on the
@@ -321,8 +358,16 @@ class Federation:
             train_accuracy=stats.train_accuracy,
             client_accuracy=stats.client_accuracy,
             spike_density=stats.spike_density,
+            selected=stats.sampled,
+            online=stats.online,
+            stragglers=stats.stragglers,
+            out_of_energy=stats.out_of_energy,
+            sim_seconds=stats.sim_seconds,
+            sim_energy_j=stats.sim_energy_j,
+            energy_by_class=dict(stats.energy_by_class),
         )
         self.history.append(record)
+        self._write_fleet_state()  # before the round counts as done: a resume continues from it
         self.run_dir.append_round(record)  # fsynced: from here on the round counts as done
         # min-clients is what the first round waits for; later rounds go on with the devices
         # still connected, at least min-nodes (a device lost for good never hangs the run)
@@ -335,6 +380,7 @@ class Federation:
 
     def _write_summary(self, initial: dict[str, Any], seconds: float) -> dict[str, Any]:
         last = self.history[-1].to_json() if self.history else initial
+        history = [r.to_json() for r in self.history]
         summary = {
             "rounds": len(self.history),
             "final_accuracy": last["accuracy"],
@@ -350,6 +396,9 @@ class Federation:
                 {"nodes": self.byzantine[0], "kind": self.byzantine[1]} if self.byzantine else None
             ),
             "history": [r.to_json() for r in self.history],
+            "fleet": self.fleet_state.summary() if self.fleet_state is not None else None,
+            "time_to_accuracy": to_accuracy(history, "sim_seconds", ACCURACY_TARGETS),
+            "energy_to_accuracy": to_accuracy(history, "sim_energy_j", ACCURACY_TARGETS),
             "neurocore": self.chip_summary,
             "conversion": self.conversion,
             "config": self.config.to_flwr(),

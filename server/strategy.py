@@ -45,6 +45,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from server.fleet import FleetSelection
 from server.validation import (
     Rejected,
     accept,
@@ -54,6 +55,7 @@ from server.validation import (
     unusable,
 )
 from shared.config import RunConfig
+from shared.reply import expected_bytes
 
 log = logging.getLogger("spikefed")
 
@@ -93,6 +95,13 @@ class RoundStats:
     train_accuracy: float | None = None
     spike_density: float | None = None
     client_accuracy: float | None = None  # federated evaluation on the nodes' local test data
+    # with a fleet (server.fleet): the devices' simulated round
+    online: int | None = None  # devices online this round
+    stragglers: int = 0  # replies dropped: later than round-deadline-s
+    out_of_energy: int = 0  # replies dropped: the device's budget or battery ran out
+    sim_seconds: float | None = None  # the round's simulated time
+    sim_energy_j: float | None = None  # joules the selected devices spent (chip + radio)
+    energy_by_class: dict[str, float] = field(default_factory=dict)
 
 
 class RoundRecorder:
@@ -104,6 +113,7 @@ class RoundRecorder:
     update_bits: int = 32  # the uplink format the clients were told to use (update-bits)
     max_update_norm: float = 0.0  # 0 = no limit
     min_valid: int = 1  # fewest valid updates that still change the global model (min-nodes)
+    fleet: FleetSelection | None = None  # devices, selection and drop rules (server.fleet)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -124,6 +134,12 @@ class RoundRecorder:
             self.on_round_start(stats)
         self.expect(arrays)
         messages = list(super().configure_train(global_round, arrays, config, grid))  # type: ignore[misc]
+        if self.fleet is not None:
+            shapes = {name: tuple(a.shape) for name, a in self.global_arrays.items()}
+            messages = self.fleet.configure_train(
+                global_round, messages, list(grid.get_node_ids()), arrays,
+                expected_up=expected_bytes(shapes, self.update_bits))
+            stats.online = self.fleet.state.rounds[global_round].online
         stats.sampled = len(messages)
         stats.bytes_down = record_bytes(arrays) * len(messages)
         return messages
@@ -177,6 +193,11 @@ class RoundRecorder:
         ok = [m for m in replies if not m.has_error()]
         stats.failed = len(replies) - len(ok)
         stats.bytes_up += sum(reply_bytes(m.content) for m in ok)  # rejected ones travelled too
+        if self.fleet is not None:  # stragglers and devices out of energy never count
+            ok, outcome = self.fleet.aggregate_train(global_round, ok)
+            stats.stragglers, stats.out_of_energy = outcome.stragglers, outcome.out_of_energy
+            stats.sim_seconds, stats.sim_energy_j = outcome.sim_seconds, outcome.energy_j
+            stats.energy_by_class = dict(outcome.energy_by_class)
         accepted = self._validate(global_round, ok, stats)
         updates = {_node(m): m.content["arrays"] for m in accepted}  # before DP clips them
         for msg in accepted:
@@ -212,6 +233,8 @@ class RoundRecorder:
     ) -> Iterable[Message]:
         global_round = self.round_offset + server_round
         messages = list(super().configure_evaluate(global_round, arrays, config, grid))  # type: ignore[misc]
+        if self.fleet is not None:  # devices offline this round do not evaluate either
+            messages = self.fleet.configure_evaluate(global_round, messages)
         if global_round in self.rounds:  # the global model travels down again for evaluation
             self.rounds[global_round].bytes_down += record_bytes(arrays) * len(messages)
         return messages
@@ -324,9 +347,11 @@ def privacy_summary(config: RunConfig) -> dict[str, Any] | None:
     }
 
 
-def make_strategy(config: RunConfig, *, round_offset: int = 0) -> RoundRecorder:
+def make_strategy(config: RunConfig, *, round_offset: int = 0,
+                  fleet: FleetSelection | None = None) -> RoundRecorder:
     """The configured Flower strategy with validation and round recording: waits for
-    `min-clients` nodes, then samples `fraction-train` of them (at least `min-nodes`) each round."""
+    `min-clients` nodes, then samples `fraction-train` of them (at least `min-nodes`) each round;
+    with a `fleet`, that many devices are picked by its selection policy instead."""
     base, kwargs = _base(config)
     num_nodes = config.min_clients
     min_nodes = min(config.min_nodes, num_nodes)
@@ -351,4 +376,5 @@ def make_strategy(config: RunConfig, *, round_offset: int = 0) -> RoundRecorder:
     strategy.update_bits = config.update_bits
     strategy.max_update_norm = config.max_update_norm
     strategy.min_valid = min_nodes
+    strategy.fleet = fleet
     return strategy

@@ -6,6 +6,7 @@
     <run>/summary.json                                   rounds, accuracy, history, config
     <run>/report.md, <run>/plots/                        the run's report (server.report)
     <run>/neurocore/                                     chip report of the final global model
+    <run>/fleet.json                                     a fleet's per-device state (--fleet)
     <run>/evaluation/                                    spikefed-run's closing evaluation
 
 Round numbers are zero-padded to at least three digits and always compared as numbers, so round
@@ -57,6 +58,15 @@ class RoundRecord:
     train_accuracy: float | None = None
     client_accuracy: float | None = None
     spike_density: float | None = None
+    # the devices' simulated round (shared.fleet); a run without a fleet, or an older run
+    # directory, has sim_seconds / sim_energy_j None and no stragglers
+    selected: int = 0  # devices (nodes) asked to train
+    online: int | None = None  # devices online this round (fleet)
+    stragglers: int = 0  # replies dropped: later than round-deadline-s
+    out_of_energy: int = 0  # replies dropped: the device's budget or battery ran out
+    sim_seconds: float | None = None  # the round's simulated time
+    sim_energy_j: float | None = None  # joules the selected devices spent, chip + radio
+    energy_by_class: dict[str, float] = field(default_factory=dict)  # device class -> joules
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,6 +196,10 @@ class RunDir:
     @property
     def neurocore_dir(self) -> Path:
         return self.root / "neurocore"
+
+    @property
+    def fleet_file(self) -> Path:
+        return self.root / "fleet.json"
 
     @property
     def evaluation_dir(self) -> Path:
