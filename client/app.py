@@ -4,9 +4,18 @@ Every message carries the global weights ("arrays") and the server's resolved ru
 so the node needs nothing but its node config: `partition-id` + `num-partitions` (simulation and
 partitioned deployments) or `data-dir` (a device with its own local dataset). A train reply carries
 the update compressed to `update-bits` integer codes (`update_records`) and a MetricRecord.
+
+A node that is a device with a profile (`shared.fleet`) trains and accounts on that device's chip
+and reports its modelled round (`device_metrics`: simulated seconds and joules of compute and of
+the bytes it received and sent) in the reply's `device-*` metrics. The profile is the node's own
+(node config `device-profile`, a file, with `device-name` for a fleet file: `spikefed-client
+--device-profile`) or, in a fleet run, the one the server sends in the "device" record.
 """
 
 from __future__ import annotations
+
+import functools
+import json
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -17,6 +26,7 @@ from client.train import train_local
 from shared import reply
 from shared.config import RunConfig
 from shared.data import load_dataset, partition_indices
+from shared.fleet import DeviceProfile, device_cost, load_profile, train_precision_for
 from shared.neurocore import ChipConfig
 from shared.rebuild import build_from_spec
 from shared.snn import (
@@ -83,6 +93,44 @@ def update_records(
     return records
 
 
+@functools.lru_cache(maxsize=4)
+def _own_profile(path: str, name: str) -> DeviceProfile:
+    return load_profile(path, name or None)[1]
+
+
+def device_profile(msg: Message, node_config: dict) -> DeviceProfile | None:
+    """This node's device: its own profile (node config `device-profile`) or the one the server
+    sent with the instruction (a fleet run); None when it has neither."""
+    path = node_config.get("device-profile")
+    if path:
+        return _own_profile(str(path), str(node_config.get("device-name", "")))
+    record = msg.content.get(reply.DEVICE)
+    if record is None:
+        return None
+    return DeviceProfile.model_validate(json.loads(str(record["profile"])))
+
+
+def payload_bytes(records: dict) -> int:
+    """Bytes of model payload in `records`: array data, and 8 per number of a ConfigRecord (the
+    same count as the server's `server.strategy.reply_bytes`)."""
+    total = 0
+    for record in records.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(array.data) for array in record.values())
+        elif isinstance(record, ConfigRecord):
+            total += reply.SCALAR_BYTES * len(record)
+    return total
+
+
+def device_metrics(profile: DeviceProfile, cycles: float, chip_j: float, bytes_down: int,
+                   bytes_up: int) -> dict[str, float]:
+    """The reply's `device-*` metrics: the device's modelled round (`shared.fleet.device_cost`)."""
+    cost = device_cost(profile, cycles=cycles, chip_j=chip_j, bytes_down=bytes_down,
+                       bytes_up=bytes_up)
+    return {reply.DEVICE_SECONDS: cost.seconds, reply.DEVICE_COMPUTE_SECONDS: cost.compute_s,
+            reply.DEVICE_ENERGY_J: cost.energy_j, reply.DEVICE_RADIO_J: cost.radio_j}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, model, server_round, received = _setup(msg)
@@ -91,7 +139,12 @@ def train(msg: Message, context: Context) -> Message:
     node_seed = reply.node_seed(config.seed, server_round, node_key)
     torch.manual_seed(node_seed)
     chip = None
-    if config.chip != "none":  # every local step accounted on the simulated chip
+    train_precision = config.resolved_train_precision()
+    device = device_profile(msg, context.node_config)
+    if device is not None:  # this device's chip, in its own arithmetic unless the run says
+        chip = device.chip.replace(optimizer=config.optimizer)
+        train_precision = train_precision_for(chip, config.train_precision)
+    elif config.chip != "none":  # every local step accounted on the simulated chip
         chip = ChipConfig.preset(config.chip, optimizer=config.optimizer)
     result = train_local(
         model,
@@ -103,7 +156,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=node_seed,
         proximal_mu=config.proximal_mu if config.strategy == "fedprox" else 0.0,
         chip=chip,
-        train_precision=config.resolved_train_precision(),
+        train_precision=train_precision,
     )
     density = result.spike_density  # over this round's training steps
     if density is None:  # no chip accounting: measure the trained model instead
@@ -121,6 +174,10 @@ def train(msg: Message, context: Context) -> Message:
         values.update({reply.ENERGY_J: result.energy_j, reply.CYCLES: result.cycles,
                        reply.DRAM_BYTES: result.dram_bytes})
     records = update_records(federated_state(model), received, config.update_bits)
+    if device is not None:
+        values.update(device_metrics(device, result.cycles, result.energy_j,
+                                     payload_bytes({reply.ARRAYS: msg.content[reply.ARRAYS]}),
+                                     payload_bytes(records)))
     return Message(RecordDict({**records, reply.METRICS: MetricRecord(values)}), reply_to=msg)
 
 

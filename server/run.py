@@ -34,6 +34,7 @@ from server.report import write_report
 from server.strategy import RoundStats
 from shared.byzantine import KINDS
 from shared.config import RunConfig
+from shared.fleet import load_fleet
 from shared.rundir import RoundRecord, RunDir, unique_run_dir
 
 CLIENT_APP = "client.app:app"
@@ -67,6 +68,10 @@ class LiveProgress:
             f"loss {record.loss:.3f}  clients {record.clients}"
             + (f" ({record.failed} failed)" if record.failed else "")
             + (f" ({record.rejected} rejected)" if record.rejected else "")
+            + (f" ({record.stragglers} stragglers)" if record.stragglers else "")
+            + (f" ({record.out_of_energy} out of energy)" if record.out_of_energy else "")
+            + (f"  sim {record.sim_seconds:.2f}s {record.sim_energy_j:.3g}J"
+               if record.sim_seconds is not None and record.sim_energy_j is not None else "")
             + f"  {record.duration_s:.1f}s"
         )
         self.progress.update(self.task, advance=1, description="evaluated")
@@ -74,13 +79,40 @@ class LiveProgress:
 
 def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title="spikefed run", title_justify="left")
-    for col in ("round", "accuracy", "loss", "clients", "rejected", "MB up", "MB down", "seconds"):
+    history = list(map(RoundRecord.from_json, summary["history"]))
+    fleet = any(r.sim_seconds is not None for r in history)
+    columns = ["round", "accuracy", "loss", "clients", "rejected", "MB up", "MB down", "seconds"]
+    if fleet:
+        columns += ["selected", "stragglers", "out of energy", "sim s", "sim J"]
+    for col in columns:
         table.add_column(col, justify="right")
-    for r in map(RoundRecord.from_json, summary["history"]):
-        table.add_row(str(r.round), f"{r.accuracy:.2%}", f"{r.loss:.3f}", str(r.clients),
-                      str(r.rejected), f"{r.bytes_up / 1e6:.2f}", f"{r.bytes_down / 1e6:.2f}",
-                      f"{r.duration_s:.1f}")
+    for r in history:
+        row = [str(r.round), f"{r.accuracy:.2%}", f"{r.loss:.3f}", str(r.clients),
+               str(r.rejected), f"{r.bytes_up / 1e6:.2f}", f"{r.bytes_down / 1e6:.2f}",
+               f"{r.duration_s:.1f}"]
+        if fleet:
+            row += [str(r.selected), str(r.stragglers), str(r.out_of_energy),
+                    _maybe(r.sim_seconds, ".2f"), _maybe(r.sim_energy_j, ".3g")]
+        table.add_row(*row)
     return table
+
+
+def _maybe(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def fleet_lines(summary: dict[str, Any]) -> list[str]:
+    """The fleet's figures in a few lines: simulated time and energy to each target accuracy,
+    and the share of devices that ever contributed."""
+    fleet = summary.get("fleet")
+    if not fleet:
+        return []
+    time_to, energy_to = summary.get("time_to_accuracy") or {}, summary.get("energy_to_accuracy")
+    reached = [f"{float(t):.0%}: {_maybe(s, '.1f')} s, {_maybe((energy_to or {}).get(t), '.3g')} J"
+               for t, s in time_to.items()]
+    return [f"fleet {fleet['name']} ({fleet['devices']} devices, {fleet['selection']} selection): "
+            f"to accuracy {'; '.join(reached) or '-'} (simulated; '-' = not reached); "
+            f"{fleet['contributed_share']:.0%} of the devices contributed"]
 
 
 def _quiet_frameworks(verbose: bool) -> None:
@@ -145,11 +177,16 @@ def simulate(
     '  spikefed-run --byzantine 1 --byzantine-kind sign-flip --run-config "strategy=krum"\n\n'
     "  spikefed-run --out runs/quick --rounds 5 --resume\n\n"
     "  spikefed-run --metrics-port 9464 --metrics-linger 30   # then: spikefed-monitor\n\n"
-    "  spikefed-run --metrics-port 0                          # no metrics endpoint"
+    "  spikefed-run --metrics-port 0                          # no metrics endpoint\n\n"
+    "  spikefed-run --fleet deploy/fleets/edge-mix.toml --run-config "
+    '"round-deadline-s=20 selection=aware"'
 )
 @user_errors
 def main(
-    clients: Annotated[int, typer.Option(min=1, help="Simulated edge clients.")] = 5,
+    clients: Annotated[
+        int | None,
+        typer.Option(min=1, help="Simulated edge clients \\[default: 5, or the fleet's devices]."),
+    ] = None,
     rounds: Annotated[
         int | None, typer.Option(min=1, help="Federated rounds \\[default: num-server-rounds]")
     ] = None,
@@ -186,6 +223,11 @@ def main(
         typer.Option(min=0, help="Seconds to keep serving the final metrics after the run, so "
                      "that a scraper sees the last round (Ctrl-C ends it early)."),
     ] = 0.0,
+    fleet: Annotated[
+        Path | None,
+        typer.Option(help="Fleet file (TOML): every client a device with its chip, link, energy "
+                     "and availability (examples in deploy/fleets/); one client per device."),
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
     evaluate: Annotated[
         bool, typer.Option(help="End with `spikefed-evaluate`'s light set on the final model.")
@@ -194,6 +236,16 @@ def main(
     """Run the whole federation (server + simulated SNN edge clients) on this machine."""
     if resume and out is None:
         raise UserError("--resume needs --out, the run directory to continue")
+    devices = None
+    if fleet is None and parse_overrides(run_config).get("fleet"):
+        fleet = Path(str(parse_overrides(run_config)["fleet"]))
+    if fleet is not None:
+        devices = load_fleet(fleet)  # a missing or bad file: one line, exit 2
+        if clients is not None and clients != len(devices):
+            raise UserError(f"--clients {clients}: the fleet {fleet} has {len(devices)} devices, "
+                            "one client each; leave --clients out")
+        clients = len(devices)
+    clients = clients if clients is not None else 5
     for option, value in (("--metrics-linger", metrics_linger),
                           ("--cpus-per-client", cpus_per_client)):
         if not math.isfinite(value):
@@ -205,6 +257,8 @@ def main(
     fresh = out is None
     out = out or unique_run_dir("runs")  # made here, so two runs never share a default name
     flags: dict[str, Any] = {"min-clients": clients, "out-dir": str(out)}
+    if fleet is not None:
+        flags["fleet"] = str(fleet.expanduser().resolve())
     if rounds is not None:
         flags["num-server-rounds"] = rounds
     try:
@@ -225,6 +279,12 @@ def main(
         f"{config.strategy}, {config.partitioning} partitions -> {out}"
         + (f"; {byzantine} byzantine ({byzantine_kind})" if byzantine else "")
     )
+    if devices is not None:
+        classes = ", ".join(f"{n} {name}" for name, n in devices.counts().items())
+        deadline = (f"deadline {config.round_deadline_s:g} s" if config.round_deadline_s
+                    else "no deadline")
+        console.print(f"fleet {devices.name}: {classes}; {config.selection} selection, "
+                      f"{deadline}")
     federation = Federation(config, out, resume=resume, byzantine_nodes=byzantine,
                             byzantine_kind=byzantine_kind)
     exporter = start_exporter(config, any_port_if_busy=not port_chosen)
@@ -236,6 +296,8 @@ def main(
         if summary["history"]:
             console.print(summary_table(summary))
         report = write_report(summary, out)
+        for line in fleet_lines(summary):
+            console.print(line)
         console.print(
             f"final accuracy [bold]{summary['final_accuracy']:.2%}[/] after {summary['rounds']} "
             f"rounds in {summary['duration_s']:.0f}s; summary: {RunDir(out).summary_file}, "
