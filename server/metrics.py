@@ -21,9 +21,17 @@ histogram. Scraping never touches the federation; it only reads the metric value
     spikefed_neurocore_dram_bytes_total              ... and DRAM traffic
     spikefed_neurocore_cycles_total                  ... and cycles
     spikefed_spike_density                           mean spike density of the newest round, 0..1
+  with a fleet (`--fleet`, shared.fleet):
+    spikefed_fleet_devices_selected                  devices asked to train in the newest round
+    spikefed_fleet_dropped_updates_total{reason}     straggler | out-of-energy replies dropped
+    spikefed_fleet_sim_seconds_total                 the fleet's simulated seconds, all rounds
+    spikefed_fleet_last_round_sim_seconds            the newest round's simulated seconds
+    spikefed_fleet_energy_joules_total               joules the devices spent (chip + radio)
+    spikefed_fleet_class_energy_joules_total{device_class}   ... by device class
 
 Labels have bounded value sets, created at start so that they read 0 rather than being absent:
-`status` and `direction` are fixed, and `reason` takes the known validation reasons plus at most
+`status`, `direction` and the fleet's `reason` are fixed, `device_class` takes the fleet file's
+classes, and `reason` takes the known validation reasons plus at most
 `MAX_REASONS` others (further new reasons count as "other"). Nothing is labelled by client: node
 ids are unbounded, so per-client figures stay in the run's metrics.jsonl.
 """
@@ -52,6 +60,7 @@ log = logging.getLogger("spikefed")
 
 UPDATE_STATUSES = ("accepted", "rejected", "failed")
 DIRECTIONS = ("up", "down")
+DROP_REASONS = ("straggler", "out-of-energy")
 # the update validation's reasons, created at start so they read 0; others added on first use
 KNOWN_REASONS = (*REASONS, "other")
 MAX_REASONS = 16
@@ -124,11 +133,39 @@ class MetricsExporter:
             "spikefed_spike_density", "Mean spike density of the newest round's training (0..1)",
             registry=r,
         )
+        self.fleet_selected = Gauge(
+            "spikefed_fleet_devices_selected", "Devices asked to train in the newest round",
+            registry=r,
+        )
+        self.fleet_dropped = Counter(
+            "spikefed_fleet_dropped_updates",
+            "Replies dropped: later than the round deadline, or beyond the device's energy",
+            ["reason"], registry=r,
+        )
+        self.fleet_seconds = Counter(
+            "spikefed_fleet_sim_seconds", "The fleet's simulated seconds over all rounds",
+            registry=r,
+        )
+        self.fleet_last_seconds = Gauge(
+            "spikefed_fleet_last_round_sim_seconds", "The newest round's simulated seconds",
+            registry=r,
+        )
+        self.fleet_energy = Counter(
+            "spikefed_fleet_energy_joules",
+            "Joules the fleet's devices spent (chip model + radio)", registry=r,
+        )
+        self.fleet_class_energy = Counter(
+            "spikefed_fleet_class_energy_joules",
+            "Joules the fleet's devices spent (chip model + radio), by device class",
+            ["device_class"], registry=r,
+        )
         self.build_info.info({"version": spikefed_version()})
         for status in UPDATE_STATUSES:
             self.updates.labels(status=status)
         for direction in DIRECTIONS:
             self.update_bytes.labels(direction=direction)
+        for reason in DROP_REASONS:
+            self.fleet_dropped.labels(reason=reason)
         self._reasons: set[str] = set()
         for reason in KNOWN_REASONS:
             self._reason_label(reason)
@@ -145,6 +182,11 @@ class MetricsExporter:
             self.rounds_completed.inc(first_round - 1)
         self.accuracy.set(initial["accuracy"])
         self.loss.set(initial["loss"])
+        if config.fleet:  # the fleet's classes read 0 from the start
+            from shared.fleet import load_fleet
+
+            for name in load_fleet(config.fleet).classes:
+                self.fleet_class_energy.labels(device_class=name)
 
     def on_round_start(self, stats: RoundStats) -> None:
         self._stats = stats  # filled in while the round trains; read back at its end
@@ -174,6 +216,15 @@ class MetricsExporter:
         self.cycles.inc(record.cycles)
         if record.spike_density is not None:
             self.spike_density.set(record.spike_density)
+        if record.sim_seconds is not None:
+            self.fleet_selected.set(record.selected)
+            self.fleet_dropped.labels(reason="straggler").inc(record.stragglers)
+            self.fleet_dropped.labels(reason="out-of-energy").inc(record.out_of_energy)
+            self.fleet_seconds.inc(record.sim_seconds)
+            self.fleet_last_seconds.set(record.sim_seconds)
+            self.fleet_energy.inc(record.sim_energy_j or 0.0)
+            for name, joules in record.energy_by_class.items():
+                self.fleet_class_energy.labels(device_class=name).inc(joules)
         self._stats = None
 
     def _reason_label(self, reason: str) -> str:

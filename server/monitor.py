@@ -55,6 +55,13 @@ class Snapshot:
     spike_density: float | None = None
     last_round_seconds: float | None = None
     mean_round_seconds: float | None = None
+    # a fleet run (`--fleet`): simulated time and energy, dropped replies
+    fleet_selected: int | None = None
+    fleet_dropped: dict[str, float] = field(default_factory=dict)  # reason -> count
+    fleet_sim_seconds: float | None = None
+    fleet_last_sim_seconds: float | None = None
+    fleet_energy_j: float | None = None
+    fleet_energy: dict[str, float] = field(default_factory=dict)  # device class -> joules
 
 
 def parse_metrics(text: str) -> Snapshot:
@@ -97,6 +104,12 @@ def parse_metrics(text: str) -> Snapshot:
         spike_density=values.get("spikefed_spike_density"),
         last_round_seconds=values.get("spikefed_last_round_duration_seconds"),
         mean_round_seconds=total / count if count else None,
+        fleet_selected=integer("spikefed_fleet_devices_selected"),
+        fleet_dropped=labelled.get("spikefed_fleet_dropped_updates_total", {}),
+        fleet_sim_seconds=values.get("spikefed_fleet_sim_seconds_total"),
+        fleet_last_sim_seconds=values.get("spikefed_fleet_last_round_sim_seconds"),
+        fleet_energy_j=values.get("spikefed_fleet_energy_joules_total"),
+        fleet_energy=labelled.get("spikefed_fleet_class_energy_joules_total", {}),
     )
 
 
@@ -188,10 +201,31 @@ def render(snap: Snapshot, history: History, url: str, status: str = "") -> Pane
     if reasons:
         parts.append(f"rejected by reason: {reasons}")
     parts.append(traffic)
+    if snap.fleet_energy or (snap.fleet_sim_seconds or 0) > 0:  # a fleet run
+        parts.append(fleet_table(snap))
     if status:
         parts.append(f"[yellow]{status}[/]")
     version = f" {snap.version}" if snap.version else ""
     return Panel(Group(*parts), title=f"spikefed{version}  {url}", title_align="left")
+
+
+def fleet_table(snap: Snapshot) -> Table:
+    """A fleet run's simulated time, dropped replies and the devices' energy by class."""
+    table = Table(title="fleet (simulated)", box=None, padding=(0, 2), title_justify="left")
+    columns = ["selected", "stragglers", "out of energy", "sim s (last)", "sim s total",
+               *(f"{name} J" for name in sorted(snap.fleet_energy)), "total J"]
+    for col in columns:
+        table.add_column(col, justify="right")
+    table.add_row(
+        _num(snap.fleet_selected, "d"),
+        _num(snap.fleet_dropped.get("straggler"), ".0f"),
+        _num(snap.fleet_dropped.get("out-of-energy"), ".0f"),
+        _num(snap.fleet_last_sim_seconds, ".2f"),
+        _num(snap.fleet_sim_seconds, ".1f"),
+        *(_num(snap.fleet_energy[name], ".3g") for name in sorted(snap.fleet_energy)),
+        _num(snap.fleet_energy_j, ".3g"),
+    )
+    return table
 
 
 @cli.command(
