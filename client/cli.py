@@ -8,6 +8,9 @@ up instead of retrying forever. Its node config is `partition-id` + `num-partiti
 built-in dataset) or `data-dir` (the device's own data); the server sends everything else.
 `--app-hash` pins the app (FAB) the device runs (`client/pin`); the SuperNode and everything it
 starts run under a guardian (`shared.process`) and end with this process, however it ends.
+`--device-profile FILE` (a device-profile file, or a fleet file with `--device NAME`) makes the
+node a device with a profile (`shared.fleet`): it trains on that chip and reports its modelled
+seconds and joules in every train reply (node config `device-profile`, `device-name`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import typer
 from client.pin.sitecustomize import PIN_ENV, REFUSED
 from shared.cli import CertificateError, err_console, user_errors, wait_for_health
 from shared.errors import EXIT_FAILURE, UserError
+from shared.fleet import load_profile
 from shared.process import ProcessTree, start_guarded
 
 EXIT_UNREACHABLE = EXIT_FAILURE
@@ -67,6 +71,28 @@ def node_config(partition_id: int | None, num_partitions: int | None,
         raise ClientError(f"--partition-id {partition_id} must be in 0..{num_partitions - 1} "
                           f"(--num-partitions {num_partitions})")
     return f"partition-id={partition_id} num-partitions={num_partitions}"
+
+
+def device_config(profile: Path | None, device: str | None) -> str:
+    """The node config that names this device's profile (checked here, so a bad file is one
+    line now rather than a failed round later); empty without `--device-profile`."""
+    if profile is None:
+        if device is not None:
+            raise ClientError("--device needs --device-profile FLEET.toml (the fleet it is in)")
+        return ""
+    if device is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,60}", device):
+        raise ClientError(f"--device {device!r}: a device or class name of the fleet file "
+                          "(letters, digits, '-', '_', '.')")
+    path = str(profile.expanduser().resolve())
+    if re.search(r'[\s"\\]', path):
+        raise ClientError(f"--device-profile {path}: use a path without spaces, quotes, "
+                          "backslashes")
+    klass, found = load_profile(path, device)
+    chip = found.chip
+    print(f"spikefed-client: device {device or klass}: {chip.cores} cores at "
+          f"{chip.clock_mhz:g} MHz ({chip.precision}), {found.uplink_mbps:g}/"
+          f"{found.downlink_mbps:g} Mbit/s up/down, {found.radio}", flush=True)
+    return f'device-profile="{path}"' + (f' device-name="{device}"' if device else "")
 
 
 def check_auth_key(path: Path) -> Path:
@@ -227,7 +253,9 @@ def run_supernode(cmd: list[str], env: dict[str, str], deadline: float, what: st
     "--partition-id 0 --num-partitions 5\n\n"
     "  spikefed-client --server 10.0.0.5:9092 --ca-cert ca.crt --auth-key keys/node-1 "
     "--data-dir /data/mnist\n\n"
-    "  spikefed-client --server 127.0.0.1:9092 --insecure --partition-id 1 --num-partitions 2"
+    "  spikefed-client --server 127.0.0.1:9092 --insecure --partition-id 1 --num-partitions 2\n\n"
+    "  spikefed-client --server 10.0.0.5:9092 --ca-cert ca.crt --data-dir /data/mnist "
+    "--device-profile deploy/fleets/edge-mix.toml --device phone-03"
 )
 @user_errors
 def main(
@@ -254,6 +282,17 @@ def main(
         typer.Option(help="Run only the app (FAB) with this sha256, as spikefed-server prints "
                      "it; any other run is refused before its code is unpacked."),
     ] = None,
+    device_profile: Annotated[
+        Path | None,
+        typer.Option(help="This device's profile (TOML: chip, link, energy), or a fleet file "
+                     "with --device: the node trains on that chip and reports its modelled "
+                     "time and energy."),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="With a fleet file as --device-profile: this device's name "
+                     "(e.g. phone-03) or class."),
+    ] = None,
 ) -> None:
     """Start one edge client (a Flower SuperNode) that trains the spikefed SNN on its data."""
     server = check_server_address(server)
@@ -270,6 +309,9 @@ def main(
         raise ClientError(f"--app-hash {app_hash!r} is not a sha256 (64 hex digits, as "
                           "spikefed-server prints it)")
     config = node_config(partition_id, num_partitions, data_dir)
+    profile = device_config(device_profile, device)
+    if profile:
+        config = f"{config} {profile}"
     key = check_auth_key(auth_key) if auth_key is not None else None
     ca = ca_cert.resolve() if ca_cert else None
     if insecure:

@@ -48,6 +48,7 @@ from server.cli import UserError, err_console, resolve_config, user_errors
 from shared.cli import CertificateError, wait_for_health
 from shared.config import RunConfig
 from shared.errors import EXIT_FAILURE
+from shared.fleet import load_fleet
 from shared.process import ProcessTree, start_guarded
 from shared.rundir import DirLock, RunDir
 
@@ -476,7 +477,10 @@ def _raise_on_sigterm() -> None:
     "  spikefed-server --address 0.0.0.0:9092 --tls-dir certs --auth-keys keys --rounds 10 "
     "--min-clients 5 --out runs/fleet --resume\n\n"
     "  spikefed-server --address 127.0.0.1:9092 --insecure --rounds 2 --min-clients 2 "
-    '--out runs/lab --run-config "dataset=digits model=mlp"'
+    '--out runs/lab --run-config "dataset=digits model=mlp"\n\n'
+    "  spikefed-server --address 0.0.0.0:9092 --tls-dir certs --rounds 20 --min-clients 10 "
+    '--out runs/fleet --fleet deploy/fleets/edge-mix.toml --run-config '
+    '"round-deadline-s=20 selection=aware fraction-train=0.2"'
 )
 @user_errors
 def main(
@@ -518,10 +522,17 @@ def main(
         typer.Option(min=0, max=65535, help="Loopback port of the SuperLink itself (Control and "
                      "Runtime API, for `flwr` commands); 0 = any free port."),
     ] = 0,
+    fleet: Annotated[
+        Path | None,
+        typer.Option(help="Fleet file (TOML, deploy/fleets/): the devices' profiles; nodes get "
+                     "them in the order they join, and selection and deadlines use them."),
+    ] = None,
 ) -> None:
     """Launch the federation server for real edge clients (Flower SuperLink + the spikefed run)."""
     if (tls_dir is None) == (not insecure):
         raise UserError("choose one of --tls-dir DIR (TLS, the default way) or --insecure")
+    if fleet is not None:
+        load_fleet(fleet)  # a missing or bad file: one line, exit 2
     endpoint = parse_address(address)
     nginx = find_nginx()
     tls = check_tls_dir(tls_dir) if tls_dir is not None else None
@@ -530,8 +541,13 @@ def main(
                         "use --tls-dir instead of --insecure")
     keys = check_auth_keys(auth_keys) if auth_keys is not None else []
     out = out.expanduser().resolve()  # the ServerApp runs elsewhere: paths must be absolute
-    config = resolve_config(run_config, {"num-server-rounds": rounds, "min-clients": min_clients,
-                                          "out-dir": str(out)}, metrics_port=metrics_port)
+    flags: dict[str, object] = {"num-server-rounds": rounds, "min-clients": min_clients,
+                                "out-dir": str(out)}
+    if fleet is not None:
+        flags["fleet"] = str(fleet.expanduser().resolve())
+    config = resolve_config(run_config, flags, metrics_port=metrics_port)
+    if config.fleet and fleet is None:
+        load_fleet(config.fleet)
     done_before = check_out_dir(out, resume)
     if not (APP_ROOT / "pyproject.toml").is_file():
         raise UserError(f"{APP_ROOT} has no pyproject.toml: run spikefed-server from a source "
