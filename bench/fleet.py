@@ -11,10 +11,10 @@ the table shows the medians.
 
 The default configuration is cheap enough for a 2-core machine (a few minutes): digits, the mlp
 SNN at T = 4, 5 local epochs, lr 0.01, 10 of 60 devices a round (fraction-train 0.17), no federated
-evaluation, a 2 s deadline.
+evaluation, a 1.5 s deadline.
 
     python bench/fleet.py [--fleet deploy/fleets/edge-mix.toml] [--rounds 30] [--seeds 0]
-                          [--deadline 2] [--run-config "..."] [--out DIR] [--json FILE]
+                          [--deadline 1.5] [--run-config "..."] [--out DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fleet", default=str(ROOT / "deploy" / "fleets" / "edge-mix.toml"))
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    parser.add_argument("--deadline", type=float, default=2.0, help="round-deadline-s")
+    parser.add_argument("--deadline", type=float, default=1.5, help="round-deadline-s")
     parser.add_argument("--run-config", default="", help="extra run-config overrides")
     parser.add_argument("--out", default=None,
                         help="keep the runs here and reuse finished ones (default: a temp dir)")

@@ -46,7 +46,9 @@ same number of devices a round as Flower's sampling (`fraction-train`):
   goes first (ties: the faster first). That is the fairness rule: among feasible devices selection
   is round-robin, so none waits more than ceil(feasible / k) rounds; a device infeasible now (an
   empty battery) is first in line once it has recharged. When fewer than k devices are feasible,
-  the rest are those closest to feasible.
+  the round is filled with those closest to feasible, expected within `FILL_SLACK` (1.25x) of
+  their deadline and energy (the estimate may be pessimistic); devices farther off are not asked
+  (they would only be dropped, spending energy and holding the round to its deadline).
 
 This module is pure (no flwr): profiles, parsing, the cost model, the fleet's state and selection.
 The Flower-facing parts are `server.fleet` (strategy hooks) and `client.app` (device figures).
@@ -229,6 +231,8 @@ class Fleet:
 def _one_line(err: ValidationError, what: str) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "missing":
+        return f"{what}: {where} is missing"
     message = str(first["msg"]).removeprefix("Value error, ")
     shown = repr(first.get("input"))
     if len(shown) > 60:
@@ -372,6 +376,9 @@ def step_costs(profiles: Mapping[str, DeviceProfile], model: Any, x: Any, y: Any
 
 # -- the fleet's state: batteries, availability, estimates, selection ---------------------------
 OUTCOMES = ("accepted", "straggler", "out-of-energy")
+# aware selection fills a round short of feasible devices only with devices expected within this
+# factor of their limits (the estimate may be pessimistic); farther ones would only be dropped
+FILL_SLACK = 1.25
 
 
 @dataclass
@@ -487,9 +494,10 @@ class FleetState:
             seconds = cost.seconds if cost is not None else 0.0
             ranked.append((self.shortfall(i, cost) > 1.0, -age, seconds, i))
         feasible = sorted(r for r in ranked if not r[0])
-        rest = sorted((self.shortfall(r[3], self.expected(r[3], bytes_down, bytes_up)), r[3])
-                      for r in ranked if r[0])
-        chosen = [r[3] for r in feasible[:k]] + [i for _, i in rest[: max(0, k - len(feasible))]]
+        near = sorted((ratio, r[3]) for r in ranked if r[0]
+                      if (ratio := self.shortfall(r[3], self.expected(r[3], bytes_down,
+                                                                      bytes_up))) <= FILL_SLACK)
+        chosen = [r[3] for r in feasible[:k]] + [i for _, i in near[: max(0, k - len(feasible))]]
         return sorted(chosen)
 
     def mark_selected(self, round_: int, indices: Iterable[int]) -> None:
