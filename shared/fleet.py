@@ -41,14 +41,17 @@ same number of devices a round as Flower's sampling (`fraction-train`):
 
 - uniform: a uniform sample (Flower's rule).
 - aware: the devices *expected* to finish within the deadline and their energy (the estimate:
-  the chip model's cost of one local step on the device's chip x its local steps, corrected by its
-  last reply's actual figures), taken oldest-first: the device not selected for the longest time
-  goes first (ties: the faster first). That is the fairness rule: among feasible devices selection
-  is round-robin, so none waits more than ceil(feasible / k) rounds; a device infeasible now (an
-  empty battery) is first in line once it has recharged. When fewer than k devices are feasible,
-  the round is filled with those closest to feasible, expected within `FILL_SLACK` (1.25x) of
-  their deadline and energy (the estimate may be pessimistic); devices farther off are not asked
-  (they would only be dropped, spending energy and holding the round to its deadline).
+  the chip model's cost of one local step on the device's chip x its local steps, corrected by
+  the device's last reply, or else its class's latest reply), taken oldest-first: the device
+  not selected for the longest time goes first (ties: the faster first). That is the fairness
+  rule: among feasible devices selection is round-robin, so none waits more than
+  ceil(feasible / k) rounds; a device infeasible now (an empty battery) is first in line once it
+  has recharged. A class no reply has corrected yet counts as feasible within `FILL_SLACK`
+  (1.25x) of its limits (the first step's estimate, from the initial model, is pessimistic:
+  trained models spike less), so a pessimistic estimate cannot starve a class; its first replies
+  then decide. When fewer than k devices are feasible, the round is filled with those expected
+  within `FILL_SLACK` of their deadline and energy, closest first; devices farther off are not
+  asked (they would only be dropped, spending energy and holding the round to its deadline).
 
 This module is pure (no flwr): profiles, parsing, the cost model, the fleet's state and selection.
 The Flower-facing parts are `server.fleet` (strategy hooks) and `client.app` (device figures).
@@ -431,6 +434,7 @@ class FleetState:
         self.examples_default = max(1, examples_default)
         self.step_defaults = dict(step_defaults or {})
         self.state = [DeviceState(d.profile.battery_j) for d in fleet.devices]
+        self.class_step: dict[str, StepCost] = {}  # per step, from a class's latest reply
         self.rounds: dict[int, RoundOutcome] = {}
 
     # -- round start ---------------------------------------------------------------------------
@@ -459,12 +463,17 @@ class FleetState:
     def expected(self, index: int, bytes_down: float, bytes_up: float) -> DeviceCost | None:
         """Expected cost of device `index`'s next round (None with no step estimate)."""
         device, state = self.fleet.devices[index], self.state[index]
-        step = state.step or self.step_defaults.get(device.klass)
+        step = state.step or self.class_step.get(device.klass) or self.step_defaults.get(
+            device.klass)
         if step is None:
             return None
         steps = local_steps(state.examples or self.examples_default, self.batch_size, self.epochs)
         return device_cost(device.profile, cycles=step.cycles * steps,
                            chip_j=step.chip_j * steps, bytes_down=bytes_down, bytes_up=bytes_up)
+
+    def untried(self, index: int) -> bool:
+        """No device of this one's class has replied yet: its estimate is the profile's."""
+        return self.fleet.devices[index].klass not in self.class_step
 
     def shortfall(self, index: int, cost: DeviceCost | None) -> float:
         """max(expected seconds / deadline, expected joules / available joules): <= 1 is
@@ -492,7 +501,9 @@ class FleetState:
             cost = self.expected(i, bytes_down, bytes_up)
             age = round_ - self.state[i].last_selected
             seconds = cost.seconds if cost is not None else 0.0
-            ranked.append((self.shortfall(i, cost) > 1.0, -age, seconds, i))
+            ratio = self.shortfall(i, cost)
+            feasible = ratio <= 1.0 or (self.untried(i) and ratio <= FILL_SLACK)
+            ranked.append((not feasible, -age, seconds, i))
         feasible = sorted(r for r in ranked if not r[0])
         near = sorted((ratio, r[3]) for r in ranked if r[0]
                       if (ratio := self.shortfall(r[3], self.expected(r[3], bytes_down,
@@ -515,9 +526,10 @@ class FleetState:
         if examples:
             state.examples = int(examples)
         if steps:
-            compute_j = cost.chip_j
-            clock = self.fleet.devices[index].profile.chip.clock_mhz * 1e6
-            state.step = StepCost(cost.compute_s * clock / steps, compute_j / steps)
+            device = self.fleet.devices[index]
+            clock = device.profile.chip.clock_mhz * 1e6
+            state.step = StepCost(cost.compute_s * clock / steps, cost.chip_j / steps)
+            self.class_step[device.klass] = state.step
         available = self.available_j(index)
         if cost.energy_j > available:
             outcome, spent = "out-of-energy", available

@@ -331,6 +331,7 @@ def test_aware_selection_skips_devices_expected_to_miss_the_deadline(tmp_path):
 
 def test_aware_selection_fills_up_only_with_devices_close_to_feasible(tmp_path):
     near = fleet_state(tmp_path, policy="aware", deadline_s=8.0)  # slow ones expect 9.1 s
+    near.class_step["slow"] = StepCost(1e5, 1e-4)  # known: no trial, only a fill
     assert near.select(1, [0, 3, 4], 2, bytes_down=1e4, bytes_up=1e3) == [0, 3]
     far = fleet_state(tmp_path, policy="aware", deadline_s=5.0)
     assert far.select(1, [0, 3, 4], 2, bytes_down=1e4, bytes_up=1e3) == [0]
@@ -364,6 +365,20 @@ def test_aware_selection_waits_for_an_empty_battery_to_recharge(tmp_path):
     state.state[3].charge_j = 5.0
     state.mark_selected(4, [0, 1, 2])  # device 3 has waited longest: first in line
     assert 3 in state.select(5, [0, 1, 2, 3], 1, bytes_down=1e4, bytes_up=1e3)
+
+
+def test_an_untried_class_near_its_limits_gets_a_trial_then_its_replies_decide(tmp_path):
+    state = fleet_state(tmp_path, policy="aware", deadline_s=8.0)  # slow ones expect 9.1 s
+    assert state.untried(3)
+    state.mark_selected(1, [0, 1, 2])
+    assert 3 in state.select(2, [0, 1, 2, 3], 1, bytes_down=1e4, bytes_up=1e3)  # a trial
+    state.settle(3, state.expected(3, 1e4, 1e3), examples=20, steps=1)  # it straggles
+    assert not state.untried(4)  # the class is known now, slow-1 included
+    state.mark_selected(2, [3])
+    assert state.select(3, [0, 1, 2, 3, 4], 2, bytes_down=1e4, bytes_up=1e3) == [0, 1]
+    far = fleet_state(tmp_path, policy="aware", deadline_s=5.0)  # 1.8x: not even a trial
+    far.mark_selected(1, [0, 1, 2])
+    assert far.select(2, [0, 1, 2, 3], 1, bytes_down=1e4, bytes_up=1e3) == [0]
 
 
 def test_a_reply_corrects_the_estimate(tmp_path):
