@@ -13,7 +13,10 @@ profiles one training step of the final global model (a test batch of `batch-siz
 configured chip (`shared.neurocore`) and writes that report to `neurocore/`. In train-mode
 `qann` the global model is a clip-quantize ANN; after the last round it is converted to an SNN
 and calibrated on the train split (`shared.convert`), and summary.json's `conversion` block holds
-both accuracies.
+both accuracies. With a fleet (run-config `fleet`, `shared.fleet`) every round also records the
+devices' simulated seconds and joules, `fleet.json` keeps each device's state (battery, counts,
+cost estimate; restored by `--resume`), and summary.json gains `fleet`, `time_to_accuracy` and
+`energy_to_accuracy`.
 """
 
 from __future__ import annotations

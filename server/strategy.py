@@ -14,6 +14,11 @@ updates, or an aggregate that is no usable model (non-finite, or outside the val
 `shared.reply`: huge weights, vanishing BN variances, a step beyond `MAX_STEP`), the round leaves
 the global model unchanged and the log names the replies that moved the offending tensor most.
 
+With a fleet (`--fleet`, `server.fleet`) the mixin lets the fleet re-target the train messages
+Flower sampled to the devices its selection policy picks (same count), leaves offline devices out
+of evaluation, and drops replies of stragglers and devices out of energy before validation; the
+round's simulated seconds and joules join its `RoundStats`.
+
 Every reply is untrusted: evaluate replies are validated too (`server.validation.accept_evaluate`),
 each accepted reply's weight is its claim capped by `server.validation.capped_weights`, and any
 exception raised while handling one reply is contained to it (rejected as `internal`, logged with
