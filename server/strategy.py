@@ -60,7 +60,7 @@ from server.validation import (
     unusable,
 )
 from shared.config import RunConfig
-from shared.reply import expected_bytes
+from shared.reply import DEVICE_ENERGY_J, DEVICE_SECONDS, expected_bytes
 
 log = logging.getLogger("spikefed")
 
@@ -210,6 +210,8 @@ class RoundRecorder:
             stats.energy_j += float(metrics.get("energy-j", 0.0))
             stats.cycles += int(metrics.get("cycles", 0))
             stats.dram_bytes += int(metrics.get("dram-bytes", 0))
+        if self.fleet is None:  # devices with their own profiles (spikefed-client --device-profile)
+            device_figures(stats, accepted)
         if len(accepted) < self.min_valid:
             log.warning("round %d: %d valid updates, fewer than min-nodes=%d: the global model "
                         "stays unchanged", global_round, len(accepted), self.min_valid)
@@ -275,6 +277,19 @@ class RoundRecorder:
         if metrics is not None:
             stats.client_accuracy = _maybe_float(metrics.get("accuracy"))
         return metrics
+
+
+def device_figures(stats: RoundStats, accepted: list[Message]) -> None:
+    """A round without a server-side fleet whose devices reported their own modelled round
+    (`device-seconds`, `device-energy-j`): the slowest device's seconds and the summed joules."""
+    seconds, joules = [], []
+    for msg in accepted:
+        metrics = msg.content["metrics"]
+        if DEVICE_SECONDS in metrics and DEVICE_ENERGY_J in metrics:
+            seconds.append(float(metrics[DEVICE_SECONDS]))
+            joules.append(float(metrics[DEVICE_ENERGY_J]))
+    if seconds:
+        stats.sim_seconds, stats.sim_energy_j = max(seconds), sum(joules)
 
 
 def _maybe_float(value: object) -> float | None:

@@ -160,6 +160,20 @@ def test_without_device_metrics_the_server_models_the_reply_itself(fleet_file):
     assert stats.sim_seconds == 30.0  # three selected devices never answered: the deadline
 
 
+def test_devices_with_their_own_profiles_report_their_round_without_a_server_fleet():
+    strategy = make_strategy(RunConfig.parse({"min-clients": 2, "update-bits": 32}))
+    strategy.expect(sent())
+    strategy.aggregate_train(1, [
+        train_reply(1, 1.0, **{"device-seconds": 2.5, "device-compute-seconds": 1.0,
+                               "device-energy-j": 0.5, "device-radio-j": 0.2}),
+        train_reply(2, 1.0, **{"device-seconds": 4.0, "device-compute-seconds": 1.0,
+                               "device-energy-j": 0.25, "device-radio-j": 0.2}),
+    ])
+    stats = strategy.rounds[1]
+    assert stats.sim_seconds == 4.0 and stats.sim_energy_j == pytest.approx(0.75)
+    assert stats.clients == 2 and stats.stragglers == 0
+
+
 def test_devices_offline_this_round_do_not_evaluate(fleet_file):
     strategy = fleet_strategy(fleet_file, "uniform", fraction_evaluate=1.0)
     list(strategy.configure_train(1, sent(), ConfigRecord(), Grid(NODES)))
