@@ -131,11 +131,23 @@ def device_metrics(profile: DeviceProfile, cycles: float, chip_j: float, bytes_d
             reply.DEVICE_ENERGY_J: cost.energy_j, reply.DEVICE_RADIO_J: cost.radio_j}
 
 
+def bound_node_config(msg: Message, node_config: dict) -> dict:
+    """The node config, with the partition a fleet simulation binds to the node's device (the
+    "device" record's `partition-id`, `num-partitions`): device i always trains on partition i,
+    whichever Flower node plays it. A node with its own data directory keeps it."""
+    record = msg.content.get(reply.DEVICE)
+    if record is None or "partition-id" not in record or "partition-id" not in node_config:
+        return node_config
+    return {**node_config, "partition-id": int(record["partition-id"]),
+            "num-partitions": int(record["num-partitions"])}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, model, server_round, received = _setup(msg)
-    data = node_data(config, context.node_config, "train")
-    node_key = int(context.node_config.get("partition-id", context.node_id % 1_000_003))
+    node_config = bound_node_config(msg, context.node_config)
+    data = node_data(config, node_config, "train")
+    node_key = int(node_config.get("partition-id", context.node_id % 1_000_003))
     node_seed = reply.node_seed(config.seed, server_round, node_key)
     torch.manual_seed(node_seed)
     chip = None
@@ -184,7 +196,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, model, _, _ = _setup(msg)
-    data = node_data(config, context.node_config, "test")
+    data = node_data(config, bound_node_config(msg, context.node_config), "test")
     loss, accuracy = evaluate_model(model, data, config.eval_batch_size)
     metrics = MetricRecord({reply.LOSS: loss, reply.ACCURACY: accuracy,
                             reply.NUM_EXAMPLES: len(data)})

@@ -147,6 +147,7 @@ class Federation:
         self.chip_summary: dict[str, Any] | None = None  # the final chip report's totals
         self.conversion: dict[str, Any] | None = None  # train-mode qann: the converted SNN
         self.fleet = load_fleet(config.fleet) if config.fleet else None  # FleetError: exit 2
+        self.simulation = False  # set by server.run.simulate: devices bound to data partitions
         self.fleet_state: FleetState | None = None
         self._lock = self.run_dir.lock()  # held until the run ends (or this process does)
         try:
@@ -242,7 +243,7 @@ class Federation:
             except (ValueError, AttributeError) as err:
                 log.warning("%s unreadable (%s): the fleet starts afresh", saved, err)
         self.fleet_state = state
-        return FleetSelection(state)
+        return FleetSelection(state, bind_partitions=self.simulation)
 
     def _write_fleet_state(self) -> None:
         if self.fleet_state is not None:

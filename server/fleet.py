@@ -51,8 +51,12 @@ def content_bytes_up(content: RecordDict) -> int:
 class FleetSelection:
     """A fleet's devices mapped onto Flower nodes, with the selection and drop rules."""
 
-    def __init__(self, state: FleetState) -> None:
+    def __init__(self, state: FleetState, *, bind_partitions: bool = False) -> None:
+        """`bind_partitions` (a simulation): device i trains on data partition i of the fleet's
+        size, whichever Flower node (random ids) plays it, so a rerun pairs devices and data the
+        same way."""
         self.state = state
+        self.bind_partitions = bind_partitions
         self.node_device: dict[int, int] = {}
         self._next = 0
         self._warned: set[int] = set()
@@ -75,8 +79,19 @@ class FleetSelection:
 
     def device_record(self, index: int) -> ConfigRecord:
         device = self.state.fleet.devices[index]
-        return ConfigRecord({"name": device.name, "class": device.klass,
-                             "profile": json.dumps(device.profile.to_json())})
+        record = ConfigRecord({"name": device.name, "class": device.klass,
+                               "profile": json.dumps(device.profile.to_json())})
+        if self.bind_partitions:
+            record["partition-id"] = index
+            record["num-partitions"] = len(self.state.fleet)
+        return record
+
+    def with_device(self, msg: Message, message_type: str) -> Message:
+        """A copy of `msg` for its node, with the node's "device" record."""
+        node = msg.metadata.dst_node_id
+        records = dict(msg.content.items())
+        records[reply.DEVICE] = self.device_record(self.node_device[node])
+        return Message(content=RecordDict(records), message_type=message_type, dst_node_id=node)
 
     # -- the hooks ---------------------------------------------------------------------------------
     def configure_train(self, round_: int, messages: list[Message], node_ids: Iterable[int],
@@ -109,10 +124,12 @@ class FleetSelection:
         return out
 
     def configure_evaluate(self, round_: int, messages: list[Message]) -> list[Message]:
+        """The evaluate messages to devices online this round, each with its device record."""
         online = self._online.get(round_)
-        if online is None:
-            return messages
-        return [m for m in messages if m.metadata.dst_node_id in online]
+        if online is not None:
+            messages = [m for m in messages if m.metadata.dst_node_id in online]
+        return [self.with_device(m, MessageType.EVALUATE) if m.metadata.dst_node_id
+                in self.node_device else m for m in messages]
 
     def reply_cost(self, index: int, msg: Message, round_: int) -> DeviceCost | None:
         """The device's figures for its reply: its own `device-*` metrics when it sent them, else

@@ -154,6 +154,7 @@ def simulate(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs asked for
     component = BYZANTINE_CLIENT_APP if federation.byzantine else CLIENT_APP
+    federation.simulation = True
     run_simulation(
         server_app=server_app,
         client_app=load_app(component, UserError),

@@ -11,7 +11,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from support import message
 
-from client.app import app, device_metrics, device_profile, payload_bytes
+from client.app import (
+    app,
+    bound_node_config,
+    device_metrics,
+    device_profile,
+    payload_bytes,
+)
 from shared import reply
 from shared.config import RunConfig
 from shared.fleet import DeviceProfile, device_cost
@@ -54,6 +60,16 @@ def test_the_profile_comes_from_the_node_or_from_the_server(tmp_path):
     mine = device_profile(from_server, {"device-profile": str(own)})  # the device knows best
     assert mine.chip.cores == 2 and mine.chip.precision == "fp16"
     assert device_profile(train_message(None), {}) is None
+
+
+def test_a_fleet_simulation_binds_the_partition_a_data_directory_stays():
+    msg = train_message(PHONE)
+    msg.content["device"]["partition-id"] = 4
+    msg.content["device"]["num-partitions"] = 60
+    node = {"partition-id": 17, "num-partitions": 60}
+    assert bound_node_config(msg, node) == {"partition-id": 4, "num-partitions": 60}
+    assert bound_node_config(msg, {"data-dir": "/data"}) == {"data-dir": "/data"}
+    assert bound_node_config(train_message(PHONE), node) == node  # a deployment: no binding
 
 
 def test_payload_bytes_count_arrays_and_scales_as_the_server_does():

@@ -180,6 +180,18 @@ def test_devices_offline_this_round_do_not_evaluate(fleet_file):
     strategy.fleet._online[1] = {11, 13}
     messages = list(strategy.configure_evaluate(1, sent(), ConfigRecord(), Grid(NODES)))
     assert sorted(m.metadata.dst_node_id for m in messages) == [11, 13]
+    assert {m.content["device"]["name"] for m in messages} == {"fast-0", "fast-2"}
+
+
+def test_a_simulation_binds_device_i_to_data_partition_i(fleet_file):
+    strategy = fleet_strategy(fleet_file, "uniform", fraction_train=1.0)
+    strategy.fleet.bind_partitions = True
+    nodes = [907, 13, 4002, 55]  # Flower's random node ids
+    messages = list(strategy.configure_train(1, sent(), ConfigRecord(), Grid(nodes)))
+    bound = {m.content["device"]["name"]: (m.content["device"]["partition-id"],
+                                           m.content["device"]["num-partitions"])
+             for m in messages}
+    assert bound == {"fast-0": (0, 4), "fast-1": (1, 4), "fast-2": (2, 4), "slow-0": (3, 4)}
 
 
 def test_nodes_beyond_the_fleet_get_no_device_and_are_never_selected(fleet_file):
