@@ -70,6 +70,11 @@ def test_the_shipped_fleet_is_heterogeneous_with_at_least_50_devices():
     assert len({d.name for d in fleet.devices}) == len(fleet)  # unique names
 
 
+def test_the_shipped_device_profile_loads():
+    klass, profile = load_profile(SHIPPED.parent / "device-watch.toml")
+    assert klass == "device" and profile.chip.cores == 2 and profile.battery_j == 5.0
+
+
 def test_classes_expand_to_named_devices_with_their_chip(tmp_path):
     fleet = small_fleet(tmp_path)
     assert [d.name for d in fleet.devices] == ["fast-0", "fast-1", "fast-2", "slow-0", "slow-1"]
