@@ -86,15 +86,14 @@ class FleetSelection:
             record["num-partitions"] = len(self.state.fleet)
         return record
 
-    def with_device(self, msg: Message, message_type: str) -> Message:
-        """A copy of `msg` for its node, with the node's "device" record."""
-        node = msg.metadata.dst_node_id
-        records = dict(msg.content.items())
+    def message(self, content: RecordDict, node: int, message_type: str) -> Message:
+        """A message of `content` to `node`, with the "device" record of the node's device."""
+        records = dict(content.items())
         records[reply.DEVICE] = self.device_record(self.node_device[node])
         return Message(content=RecordDict(records), message_type=message_type, dst_node_id=node)
 
     # -- the hooks ---------------------------------------------------------------------------------
-    def configure_train(self, round_: int, messages: list[Message], node_ids: Iterable[int],
+    def configure_train(self, round_: int, messages: list[Message], node_ids: list[int],
                         arrays: ArrayRecord, expected_up: int) -> list[Message]:
         """Re-target the strategy's `messages` (as many as it sampled) to the devices the policy
         picks among the online ones, each with its "device" record."""
@@ -111,13 +110,8 @@ class FleetSelection:
         up = self._expected_up or expected_up
         chosen = self.state.select(round_, online, len(messages), bytes_down=down, bytes_up=up)
         self.state.mark_selected(round_, chosen)
-        content = messages[0].content
-        out = []
-        for index in chosen:
-            records = dict(content.items())
-            records[reply.DEVICE] = self.device_record(index)
-            out.append(Message(content=RecordDict(records), message_type=MessageType.TRAIN,
-                               dst_node_id=device_node[index]))
+        content = messages[0].content  # Flower sends every node the same records
+        out = [self.message(content, device_node[i], MessageType.TRAIN) for i in chosen]
         self.state.rounds[round_] = RoundOutcome(online=len(online), selected=len(out))
         log.info("round %d: %d devices online, selected %d (%s)", round_, len(online), len(out),
                  self.state.policy)
@@ -128,8 +122,8 @@ class FleetSelection:
         online = self._online.get(round_)
         if online is not None:
             messages = [m for m in messages if m.metadata.dst_node_id in online]
-        return [self.with_device(m, MessageType.EVALUATE) if m.metadata.dst_node_id
-                in self.node_device else m for m in messages]
+        return [self.message(m.content, m.metadata.dst_node_id, MessageType.EVALUATE)
+                if m.metadata.dst_node_id in self.node_device else m for m in messages]
 
     def reply_cost(self, index: int, msg: Message, round_: int) -> DeviceCost | None:
         """The device's figures for its reply: its own `device-*` metrics when it sent them, else
