@@ -23,7 +23,10 @@ sizes. `mlp-2h` is issue 22's network (ReLU MLP 64-128-64-10 without BN), where 
 lose up to 12 points:
 
     python bench/conversion.py --grid --models mlp,mlp-2h,csnn,resnet-mini \
-        --datasets digits,mnist-subset --time-steps 1,2,4,8 --seeds 5 [--epochs 10]
+        --datasets digits,mnist-subset --time-steps 1,2,4,8 --seeds 5 [--epochs 10] [--json F]
+
+A grid split over processes (`--seed K --seeds 1 --json seedK.json` each) is summarized with
+`--summarize seed*.json`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import argparse
 import copy
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -115,9 +119,11 @@ def grid_ann(name: str, in_channels: int, input_size: int) -> nn.Module:
 
 
 def grid(args: argparse.Namespace) -> int:
-    """Every (dataset, model, seed, T) cell; prints them, then the median / worst gaps."""
-    import statistics
-
+    """Every (seed, dataset, model, T) cell, seeds outermost so that a run stopped early (Ctrl-C)
+    has whole seeds (Ctrl-C or SIGTERM); prints each cell, then the table and the median / worst
+    gaps of the cells done. With --json the cells are written after each one."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     steps = [int(t) for t in args.time_steps.split(",")]
     models = args.models.split(",")
     for name in models:
@@ -125,70 +131,112 @@ def grid(args: argparse.Namespace) -> int:
             print(f"unknown model {name!r}; choose from {', '.join(GRID_MODELS)}", file=sys.stderr)
             return 2
     started = time.perf_counter()
-    cells, rows, sizes = [], [], {}
-    for dataset in args.datasets.split(","):
-        train_set, test_set = load_dataset(dataset, "train"), load_dataset(dataset, "test")
-        sizes[dataset] = len(test_set)
-        _, channels, size, _ = train_set.tensors[0].shape
-        for name in models:
-            for seed in range(args.seeds):
-                tick = time.perf_counter()
-                torch.manual_seed(seed)
-                ann = train(grid_ann(name, channels, size), train_set, args.epochs, 2e-3, seed)
-                ann_acc = evaluate_model(ann, test_set)[1]
-                try:
-                    sj = [max(pair) for pair in zip(*(
-                        spikingjelly_curve(ann, train_set, test_set, mode, max(steps))
-                        for mode in ("max", "99.9%")), strict=True)]
-                except Exception as error:  # noqa: BLE001 - a peer that cannot convert this net
-                    print(f"SpikingJelly failed on {name}: {type(error).__name__}: {error}")
-                    sj = [float("nan")] * max(steps)
-                for t in steps:
-                    torch.manual_seed(seed)
-                    qc_ann = train(to_qc_ann(ann, t), train_set, args.qc_epochs, 1e-3, seed + t)
-                    qc_acc = evaluate_model(qc_ann, test_set)[1]
-                    phase1 = evaluate_model(convert(qc_ann, t).eval(), test_set)[1]
-                    snn, report = dual_phase_convert(qc_ann, train_set, t, stages=False,
-                                                     epochs=args.calib_epochs, seed=seed)
-                    both = evaluate_model(snn, test_set)[1]
-                    cell = {"dataset": dataset, "model": name, "seed": seed, "time_steps": t,
-                            "relu_ann": ann_acc, "qc_ann": qc_acc, "phase1": phase1,
-                            "both": both, "spikingjelly_best": sj[t - 1],
-                            "reverted": report.reverted}
-                    cells.append(cell)
-                    rows.append([dataset, name, str(seed), str(t), f"{qc_acc:.2%}",
-                                 f"{phase1:.2%}", f"{both:.2%}",
-                                 f"{(phase1 - qc_acc) * 100:+.2f}",
-                                 f"{(both - qc_acc) * 100:+.2f}",
-                                 f"{(both - phase1) * 100:+.2f}", f"{sj[t - 1]:.2%}"])
-                    print(" ".join(rows[-1]), flush=True)
-                print(f"{dataset} {name} seed {seed}: ReLU ANN {ann_acc:.2%}, "
-                      f"{time.perf_counter() - tick:.0f}s", flush=True)
+    data = {d: (load_dataset(d, "train"), load_dataset(d, "test"))
+            for d in args.datasets.split(",")}
+    sizes = {d: len(test_set) for d, (_, test_set) in data.items()}
+    settings = {k: getattr(args, k)
+                for k in ("epochs", "qc_epochs", "calib_epochs", "calib_size", "seed", "seeds")}
+    cells: list[dict] = []
+    try:
+        for seed in range(args.seed, args.seed + args.seeds):
+            for dataset, (train_set, test_set) in data.items():
+                _, channels, size, _ = train_set.tensors[0].shape
+                for name in models:
+                    tick = time.perf_counter()
+                    cells += grid_cells(args, steps, dataset, name, seed, train_set, test_set,
+                                        channels, size)
+                    print(f"{dataset} {name} seed {seed}: {time.perf_counter() - tick:.0f}s",
+                          flush=True)
+                    if args.json:
+                        args.json.write_text(json.dumps(
+                            {"cells": cells, "test_sizes": sizes, "settings": settings},
+                            indent=2) + "\n")
+    except KeyboardInterrupt:
+        print(f"stopped after {len(cells)} cells", flush=True)
+    grid_summary(cells, sizes)
+    print(f"total {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def grid_cells(args: argparse.Namespace, steps: list[int], dataset: str, name: str, seed: int,
+               train_set: TensorDataset, test_set: TensorDataset, channels: int,
+               size: int) -> list[dict]:
+    """One trained ReLU ANN, SpikingJelly's curve on it, and for every T its QC-ANN, phase 1 and
+    both phases: one cell per T."""
+    torch.manual_seed(seed)
+    ann = train(grid_ann(name, channels, size), train_set, args.epochs, 2e-3, seed)
+    ann_acc = evaluate_model(ann, test_set)[1]
+    try:
+        sj = [max(pair) for pair in zip(*(
+            spikingjelly_curve(ann, train_set, test_set, mode, max(steps))
+            for mode in ("max", "99.9%")), strict=True)]
+    except Exception as error:  # noqa: BLE001 - a peer that cannot convert this net
+        print(f"SpikingJelly failed on {name}: {type(error).__name__}: {error}")
+        sj = [float("nan")] * max(steps)
+    cells = []
+    for t in steps:
+        torch.manual_seed(seed)
+        qc_ann = train(to_qc_ann(ann, t), train_set, args.qc_epochs, 1e-3, seed + t)
+        qc_acc = evaluate_model(qc_ann, test_set)[1]
+        phase1 = evaluate_model(convert(qc_ann, t).eval(), test_set)[1]
+        snn, report = dual_phase_convert(qc_ann, train_set, t, stages=False,
+                                         epochs=args.calib_epochs, calib_size=args.calib_size,
+                                         seed=seed)
+        both = evaluate_model(snn, test_set)[1]
+        cells.append({"dataset": dataset, "model": name, "seed": seed, "time_steps": t,
+                      "relu_ann": ann_acc, "qc_ann": qc_acc, "phase1": phase1, "both": both,
+                      "spikingjelly_best": sj[t - 1], "reverted": report.reverted})
+        print(" ".join(grid_row(cells[-1])), flush=True)
+    return cells
+
+
+def grid_row(c: dict) -> list[str]:
+    return [c["dataset"], c["model"], str(c["seed"]), str(c["time_steps"]), f"{c['qc_ann']:.2%}",
+            f"{c['phase1']:.2%}", f"{c['both']:.2%}", f"{(c['phase1'] - c['qc_ann']) * 100:+.2f}",
+            f"{(c['both'] - c['qc_ann']) * 100:+.2f}", f"{(c['both'] - c['phase1']) * 100:+.2f}",
+            f"{c['spikingjelly_best']:.2%}"]
+
+
+def grid_summary(cells: list[dict], sizes: dict[str, int]) -> None:
+    """The cells' table, then median / worst gaps overall, per dataset and T, and per model."""
+    import statistics
+
+    if not cells:
+        return
     print_table("conversion grid: test accuracy",
                 ["dataset", "model", "seed", "T", "QC-ANN", "phase 1", "both", "p1 - QC (pt)",
-                 "both - QC (pt)", "both - p1 (pt)", "SJ best"], rows)
-    gaps = [(c["both"] - c["qc_ann"]) * 100 for c in cells]
-    p1_gaps = [(c["phase1"] - c["qc_ann"]) * 100 for c in cells]
-    over_p1 = [(c["both"] - c["phase1"]) * 100 for c in cells]
-    one = ", ".join(f"{d} {n} images = {100 / n:.2f} pt" for d, n in sizes.items())
+                 "both - QC (pt)", "both - p1 (pt)", "SJ best"], [grid_row(c) for c in cells])
+
+    def gaps(sel: list[dict], a: str, b: str) -> list[float]:
+        return [(c[a] - c[b]) * 100 for c in sel]
+
+    one = ", ".join(f"{d} {n} images (1 image = {100 / n:.2f} pt)" for d, n in sizes.items())
     print(f"{len(cells)} cells; test sets: {one}")
-    print(f"both - QC-ANN: median {statistics.median(gaps):+.2f} pt, worst {min(gaps):+.2f} pt "
-          "(targets: >= -0.5 median, >= -1.5 worst)")
-    print(f"phase 1 - QC-ANN: median {statistics.median(p1_gaps):+.2f} pt, "
-          f"worst {min(p1_gaps):+.2f} pt")
-    print(f"both - phase 1: median {statistics.median(over_p1):+.2f} pt, worst "
-          f"{min(over_p1):+.2f} pt, below phase 1 in {sum(g < 0 for g in over_p1)} cells")
-    for dataset in sizes:
-        for t in steps:
-            sel = [c for c in cells if c["dataset"] == dataset and c["time_steps"] == t]
-            if sel:
-                g = [(c["both"] - c["qc_ann"]) * 100 for c in sel]
-                print(f"  {dataset} T={t}: both - QC median {statistics.median(g):+.2f}, worst "
-                      f"{min(g):+.2f} over {len(sel)} cells")
-    print(f"total {time.perf_counter() - started:.0f}s")
-    if args.json:
-        args.json.write_text(json.dumps({"cells": cells, "test_sizes": sizes}, indent=2) + "\n")
-    return 0
+    for label, a, b, target in (("both - QC-ANN", "both", "qc_ann",
+                                 " (targets: >= -0.5 median, >= -1.5 worst)"),
+                                ("phase 1 - QC-ANN", "phase1", "qc_ann", ""),
+                                ("both - phase 1", "both", "phase1", "")):
+        g = gaps(cells, a, b)
+        print(f"{label}: median {statistics.median(g):+.2f} pt, worst {min(g):+.2f} pt, "
+              f"below in {sum(x < 0 for x in g)} of {len(g)} cells{target}")
+    rows = []
+    for key in ("time_steps", "model"):
+        for dataset in sizes:
+            for value in dict.fromkeys(c[key] for c in cells):
+                sel = [c for c in cells if c["dataset"] == dataset and c[key] == value]
+                if not sel:
+                    continue
+                both, p1, over = (gaps(sel, "both", "qc_ann"), gaps(sel, "phase1", "qc_ann"),
+                                  gaps(sel, "both", "phase1"))
+                sj = gaps(sel, "spikingjelly_best", "qc_ann")
+                rows.append([dataset, f"T={value}" if key == "time_steps" else value,
+                             str(len(sel)), f"{statistics.median(p1):+.2f} / {min(p1):+.2f}",
+                             f"{statistics.median(both):+.2f} / {min(both):+.2f}",
+                             f"{statistics.median(over):+.2f} / {min(over):+.2f}",
+                             f"{statistics.median(sj):+.2f} / {min(sj):+.2f}"])
+    print_table("gaps vs QC-ANN in points, median / worst",
+                ["dataset", "T or model", "cells", "phase 1 - QC", "both - QC", "both - phase 1",
+                 "SJ best - QC"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +245,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="models x datasets x T x seeds (issue 22) instead of the csnn sweep")
     parser.add_argument("--models", default=",".join(GRID_MODELS))
     parser.add_argument("--datasets", default="digits,mnist-subset")
-    parser.add_argument("--seeds", type=int, default=5, help="grid: training seeds 0..N-1")
+    parser.add_argument("--seeds", type=int, default=5,
+                        help="grid: training seeds --seed .. --seed + N - 1")
+    parser.add_argument("--calib-size", type=int, default=1024,
+                        help="calibration images (+ 256 held out) from the train split")
+    parser.add_argument("--summarize", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="grid: print the summary of the cells in these --json files "
+                        "(runs split over seeds) instead of running")
     parser.add_argument("--epochs", type=int, default=10, help="grid: ReLU ANN epochs (Adam 2e-3)")
     parser.add_argument("--time-steps", default="1,2,4,8,16")
     parser.add_argument("--ann-epochs", type=int, default=10)
@@ -210,6 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.summarize:
+        cells, sizes = [], {}
+        for path in args.summarize:
+            saved = json.loads(path.read_text())
+            cells += saved["cells"]
+            sizes.update(saved["test_sizes"])
+        grid_summary(cells, sizes)
+        return 0
     try:
         import spikingjelly  # noqa: F401
     except ImportError:
