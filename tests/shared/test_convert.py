@@ -51,7 +51,7 @@ def test_if_neuron_with_half_threshold_start_is_the_qc_activation(steps, theta_u
 
 def test_qc_equivalence_over_random_inputs_and_floor_without_half_start():
     gen = torch.Generator().manual_seed(0)
-    z = (torch.rand(100_000, generator=gen, dtype=torch.float64) * 1.4 - 0.2) * 3.0
+    z = (torch.rand(20_000, generator=gen, dtype=torch.float64) * 1.4 - 0.2) * 3.0
     theta = 2.5
     floor_mismatch = []
     for steps in range(1, 33):
@@ -216,7 +216,12 @@ def test_errors_sum_to_total_and_rmp_needs_a_potential_outside_the_range(convert
         v_final = (neuron.membrane[-1] - theta * spikes[-1]).double()
         inside = (v_final >= -1e-5) & (v_final < theta - 1e-5)
         rmp = err["residual"].abs() > 1e-4
-        assert not (rmp & inside & (count > 0) & (count < steps)).any()
+        # z T / theta + 1/2 within float32 rounding of an integer: the neuron (float32 sums) and
+        # qc() (float64 mean) may round a tie apart while v_final sits on the boundary
+        levels = current.mean(0).double() * steps / theta + 0.5
+        tie = (levels - levels.round()).abs() < 1e-4
+        assert float(tie.double().mean()) < 0.01  # the check below still covers > 99 %
+        assert not (rmp & inside & ~tie & (count > 0) & (count < steps)).any()
         rmp_somewhere |= bool(rmp.any())
     assert rmp_somewhere
 
@@ -255,6 +260,19 @@ def test_converted_snn_takes_event_frames_and_works_with_the_chip_model(converte
 
 
 # -- issue 22: phase 2 never makes the network worse --------------------------------------------
+@pytest.fixture(scope="module")
+def issue22_qc_ann(digits):
+    """issue22_mlp(digits, seed, T), trained once per (seed, T) for the module."""
+    trained: dict[tuple[int, int], nn.Module] = {}
+
+    def get(seed: int, time_steps: int) -> nn.Module:
+        if (seed, time_steps) not in trained:
+            trained[seed, time_steps] = issue22_mlp(digits, seed, time_steps)
+        return trained[seed, time_steps]
+
+    return get
+
+
 def issue22_mlp(digits, seed: int, time_steps: int) -> nn.Module:
     """Issue 22's recipe: ReLU MLP 64-128-64-10 (no BN), Adam 1e-3 40 epochs, then its QC-ANN
     fine-tuned 20 epochs with Adam 5e-4."""
@@ -284,12 +302,12 @@ def issue22_mlp(digits, seed: int, time_steps: int) -> nn.Module:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_phase2_never_ends_below_phase1_on_the_issue22_mlp(digits, seed):
-    """Before the gate, phase 2 took these from 95-96 % to 88-93 % on test (held-out: seed 1
-    100 % -> 90 %) while the layer-wise KL fell."""
+def test_phase2_never_ends_below_phase1_on_the_issue22_mlp(digits, issue22_qc_ann, seed):
+    """Before the gate, phase 2 took these from 94.4 / 93.6 / 96.4 % (phase 1) to 91.1 / 88.3 /
+    91.9 % on test (held-out: seed 1 100 % -> 89 %) while the layer-wise KL fell."""
     from shared.snn import evaluate_model
 
-    qc_ann = issue22_mlp(digits, seed, 2)
+    qc_ann = issue22_qc_ann(seed, 2)
     snn, report = dual_phase_convert(qc_ann, Subset(digits[0], range(512)), 2, stages=False)
     assert report.accuracy["final"] >= report.accuracy["converted"]
     assert report.agreement["final"] >= report.agreement["converted"]
@@ -304,14 +322,14 @@ def test_phase2_never_ends_below_phase1_on_the_issue22_mlp(digits, seed):
     assert evaluate_model(snn, test_set)[1] >= phase1 - 5 / len(test_set.tensors[1])
 
 
-def test_a_step_that_hurts_the_network_is_reverted_and_reported(digits):
+def test_a_step_that_hurts_the_network_is_reverted_and_reported(digits, issue22_qc_ann):
     """Calibration with an absurd learning rate wrecks every layer it touches: no epoch passes
     the gate, so each layer keeps its phase-1 weights and the report names the steps."""
-    qc_ann = issue22_mlp(digits, 0, 4)
+    qc_ann = issue22_qc_ann(0, 2)
     data = Subset(digits[0], range(400))
-    snn, report = dual_phase_convert(qc_ann, data, 4, lr=50.0, epochs=2, stages=False,
+    snn, report = dual_phase_convert(qc_ann, data, 2, lr=50.0, epochs=2, stages=False,
                                      readout=False)
-    phase1 = convert(qc_ann, 4)
+    phase1 = convert(qc_ann, 2)
     calibrated = [e for e in report.calibration if any(s["step"].startswith("calibrate")
                                                        and s["kept"] for s in e["steps"])]
     assert not calibrated
